@@ -1,0 +1,14 @@
+"""efficientml: the companion package of the EfficientML Book.
+
+One obvious home for each idea: ``data`` (data sets and the tensor-resident loader), ``train``
+(``fit``, the one training engine), ``plots``, ``reproducibility``, ``profiles`` and ``results``
+(quick/full profiles, JSON results with provenance), ``experiments`` (what the CLI runs).
+"""
+from .data import DataMissingError, ImageDataset, TensorLoader, data_root, load_dataset
+from .models import MLP, count_parameters
+from .plots import moving_average, plot_accuracy, plot_history, plot_loss
+from .profiles import get_profile
+from .reproducibility import seed_everything
+from .train import History, evaluate, fit, select_device
+
+__version__ = "0.1.0"

@@ -1,0 +1,37 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from efficientml import load_dataset, seed_everything
+
+
+def pytest_configure(config):
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real data folder. Unset EFFICIENTML_DATA skips; set but wrong fails (CI sets it)."""
+    root = os.environ.get("EFFICIENTML_DATA")
+    if not root:
+        pytest.skip("EFFICIENTML_DATA is not set (make test sets it to ../shared/data)")
+    return Path(root)
+
+
+@pytest.fixture(scope="session")
+def fashion_train(data_dir):
+    return load_dataset("fashion-mnist", train=True, root=data_dir)
+
+
+@pytest.fixture(scope="session")
+def fashion_test(data_dir):
+    return load_dataset("fashion-mnist", train=False, root=data_dir)
+
+
+@pytest.fixture
+def seeded():
+    seed_everything(0)
+    yield
+    torch.use_deterministic_algorithms(False)

@@ -1,0 +1,46 @@
+import matplotlib
+import numpy as np
+import pytest
+
+matplotlib.use("Agg")
+
+from efficientml.plots import moving_average, plot_accuracy, plot_history, plot_loss
+from efficientml.train import History
+
+
+def test_moving_average_by_hand():
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4, 5], 2), [1.5, 2.5, 3.5, 4.5])
+    np.testing.assert_allclose(moving_average([1, 2, 3, 4, 5], 3), [2, 3, 4])
+    np.testing.assert_allclose(moving_average([4, 8], 1), [4, 8])
+    np.testing.assert_allclose(moving_average([1, 2, 3], 10), [2])  # window shrinks to the data
+
+
+def test_moving_average_agrees_with_convolution():
+    x = np.random.default_rng(0).normal(size=1000)
+    np.testing.assert_allclose(moving_average(x, 37), np.convolve(x, np.ones(37) / 37, mode="valid"))
+
+
+@pytest.mark.parametrize("x, w", [([], 3), ([1, 2], 0), ([1, np.nan], 1), ([[1, 2]], 1), ([1, 2], 1.5)])
+def test_moving_average_rejects_bad_input(x, w):
+    with pytest.raises(ValueError):
+        moving_average(x, w)
+
+
+def test_standard_figures_draw_every_run():
+    h = History(iter_loss=[3.0, 2.0, 1.5, 1.0], iter_epoch=[0.5, 1.0, 1.5, 2.0], train_loss=[2.5, 1.2],
+                train_acc=[0.5, 0.7], test_loss=[2.0, 1.4], test_acc=[0.55, 0.72], lr=[0.1, 0.1],
+                epoch_time=[1.0, 1.0])
+    d = History(iter_loss=[3.0], iter_epoch=[0.5], diverged_at=0.75)
+    ax = plot_loss({"a": h, "diverged": d}, window=2)
+    xs, ys = ax.lines[0].get_data()
+    np.testing.assert_allclose(xs, [1.0, 1.5, 2.0])
+    np.testing.assert_allclose(ys, [2.5, 1.75, 1.25])
+    assert ax.lines[1].get_xdata()[0] == 0.5 and ax.lines[-1].get_xdata()[0] == 0.75  # divergence marked
+    ax = plot_accuracy({"a": h, "b": h}, "test")
+    assert len(ax.lines) == 2
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [55.0, 72.0])
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [1, 2])
+    fig = plot_history(h, window=2, title="t")
+    assert len(fig.axes) == 2
+    with pytest.raises(ValueError):
+        plot_accuracy(h, "validation")

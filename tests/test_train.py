@@ -1,0 +1,154 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from efficientml import MLP, History, TensorLoader, evaluate, fit, seed_everything
+from efficientml.train import make_optimizer, make_scheduler, select_device, show_progress
+
+
+@pytest.fixture(scope="module")
+def small(fashion_train, fashion_test):
+    """A small real problem: 1,000 Fashion-MNIST training images, 500 test images."""
+    return fashion_train.subset(100, seed=0), fashion_test.subset(50, seed=0)
+
+
+def _run(small, epochs=3, seed=0, **kw):
+    seed_everything(seed)
+    train, test = small
+    model = MLP(784, (64,), 10)
+    hist = fit(model, TensorLoader(train, 50, shuffle=True, augment=True, seed=seed), TensorLoader(test, 500),
+               epochs=epochs, device="cpu", progress=False, **{"lr": 0.05} | kw)
+    return model, hist
+
+
+def _comparable(h: History) -> dict:
+    d = h.to_dict()
+    for k in ("epoch_time", "total_time"):
+        d.pop(k)
+    return d
+
+
+def test_fit_learns_a_real_problem(small):
+    train, test = small
+    seed_everything(0)
+    loader = TensorLoader(test, 500)
+    before = evaluate(MLP(784, (64,), 10), loader)
+    model, h = _run(small, epochs=4)
+    assert h.epochs == 4 and not h.diverged
+    assert before[1] < 0.2 and before[0] > 3.0           # untrained: chance level, ~log2(10) bits
+    assert h.test_acc[-1] > 0.65                           # 10 classes: chance is 0.1
+    assert h.train_loss[-1] < 0.6 * h.train_loss[0]
+    assert h.test_loss[-1] < before[0]
+    assert evaluate(model, loader) == pytest.approx((h.test_loss[-1], h.test_acc[-1]))
+    # per-iteration records: 20 batches of 50 per epoch, fractional epochs ending at 1, 2, ...
+    assert len(h.iter_loss) == len(h.iter_epoch) == 4 * 20
+    assert h.iter_epoch[19] == pytest.approx(1.0) and h.iter_epoch[0] == pytest.approx(0.05)
+    # the epoch's training loss (bits) is the example-weighted mean of its iterations
+    assert h.train_loss[0] == pytest.approx(sum(h.iter_loss[:20]) / 20)
+    assert h.total_time == pytest.approx(sum(h.epoch_time)) and all(t > 0 for t in h.epoch_time)
+
+
+def test_two_seeded_runs_give_identical_histories(small):
+    _, a = _run(small, epochs=2, seed=1)
+    _, b = _run(small, epochs=2, seed=1)
+    _, c = _run(small, epochs=2, seed=2)
+    assert _comparable(a) == _comparable(b)
+    assert _comparable(a) != _comparable(c)
+
+
+@pytest.mark.parametrize("name, kw, expected", [
+    ("none", {}, [0.1] * 6),
+    ("multistep", {"milestones": [2, 4]}, [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]),
+    ("cosine", {}, [0.1 * (1 + math.cos(math.pi * e / 6)) / 2 for e in range(6)]),
+])
+def test_scheduler_learning_rate_sequence(small, name, kw, expected):
+    _, h = _run(small, epochs=6, lr=0.1, scheduler=name, **kw)
+    assert h.lr == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_scheduler_validation():
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="milestones"):
+        make_scheduler(opt, "multistep", 10)
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        make_scheduler(opt, "exponential")
+
+
+def test_divergence_is_recorded_not_raised(small):
+    _, h = _run(small, epochs=3, lr=1e6, momentum=0.9)
+    assert h.diverged and 0 <= h.diverged_at < 1
+    assert h.epochs == 0 or h.epochs < 3
+    assert all(math.isfinite(v) for v in h.iter_loss)      # the NaN itself is not stored
+    assert len(h.iter_loss) == round(h.diverged_at * 20)    # every finite iteration before it is
+
+
+def test_callback_sees_each_epoch(small):
+    seen = []
+    _run(small, epochs=3, callback=lambda e, model, h: seen.append((e, h.epochs, isinstance(model, MLP))))
+    assert seen == [(1, 1, True), (2, 2, True), (3, 3, True)]
+
+
+def test_only_trainable_parameters_are_optimised(small):
+    seed_everything(0)
+    model = MLP(784, (32,), 10)
+    first = model.net[1]
+    first.requires_grad_(False)
+    w0 = first.weight.clone()
+    train, test = small
+    fit(model, TensorLoader(train, 100), None, epochs=1, device="cpu", progress=False)
+    assert torch.equal(first.weight, w0)
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit(model, TensorLoader(train, 100), None, epochs=1, device="cpu", progress=False)
+
+
+def test_checkpoint_resumes_an_interrupted_run(small, tmp_path):
+    _, whole = _run(small, epochs=4, scheduler="multistep", milestones=[2])
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_two(epoch, model, h):
+        if epoch == 3:
+            raise Interrupt  # dies during epoch 3's callback: the checkpoint holds epoch 2
+    ckpt = tmp_path / "run.ckpt.pt"
+    with pytest.raises(Interrupt):
+        _run(small, epochs=4, scheduler="multistep", milestones=[2], checkpoint=ckpt, callback=stop_after_two)
+    assert torch.load(ckpt, weights_only=False)["history"]["train_loss"].__len__() == 2
+    # a new process would start with other RNG state: resuming must not depend on it
+    torch.manual_seed(12345)
+    train, test = small
+    model = MLP(784, (64,), 10)
+    resumed = fit(model, TensorLoader(train, 50, shuffle=True, augment=True, seed=0), TensorLoader(test, 500),
+                  epochs=4, lr=0.05, scheduler="multistep", milestones=[2], checkpoint=ckpt, device="cpu",
+                  progress=False)
+    assert _comparable(resumed) == _comparable(whole)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_history_round_trips_through_dict(small):
+    _, h = _run(small, epochs=1)
+    assert History.from_dict(h.to_dict()) == h
+
+
+def test_device_and_progress_selection(monkeypatch):
+    assert select_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("EFFICIENTML_DEVICE", "cpu")
+    assert select_device() == torch.device("cpu")
+    monkeypatch.setenv("EFFICIENTML_PROGRESS", "0")
+    assert show_progress() is False and show_progress(True) is True
+    monkeypatch.setenv("EFFICIENTML_PROGRESS", "1")
+    assert show_progress() is True
+
+
+@pytest.mark.parametrize("kw", [{"lr": 0.0}, {"lr": float("nan")}, {"name": "rmsprop"}])
+def test_optimizer_validation(kw):
+    with pytest.raises(ValueError):
+        make_optimizer(nn.Linear(2, 2).parameters(), **kw)
+
+
+def test_epochs_validated(small):
+    with pytest.raises(ValueError, match="epochs"):
+        fit(MLP(784, (8,), 10), [], epochs=-1)
