@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EFFICIENTML_DATA ?= $(abspath ../shared/data)
 export EFFICIENTML_DATA
 
-.PHONY: setup book test unit nbval bench clean
+.PHONY: setup book test unit nbval execute bench clean
 
 setup: $(VENV)/.installed
 
@@ -21,13 +21,16 @@ book: setup
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
 
 test: setup
-	$(PY) -m pytest tests book --nbval --sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	$(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 unit: setup
 	$(PY) -m pytest tests
 
 nbval: setup
-	$(PY) -m pytest book --nbval --sanitize-with tests/nbval_sanitize.cfg
+	$(PY) -m pytest book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+execute: setup  # refresh the stored outputs of NB (default: every chapter)
+	$(PY) scripts/execute_notebooks.py $(NB)
 
 bench: setup
 	$(PY) -m efficientml.bench loader

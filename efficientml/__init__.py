@@ -5,8 +5,8 @@ One obvious home for each idea: ``data`` (data sets and the tensor-resident load
 (quick/full profiles, JSON results with provenance), ``experiments`` (what the CLI runs).
 """
 from .data import DataMissingError, ImageDataset, TensorLoader, data_root, load_dataset
-from .models import MLP, count_parameters
-from .plots import moving_average, plot_accuracy, plot_history, plot_loss
+from .models import MLP, ConvNet, count_macs, count_parameters
+from .plots import markdown_table, moving_average, plot_accuracy, plot_history, plot_loss, plot_lr, seconds
 from .profiles import get_profile
 from .reproducibility import seed_everything
 from .train import History, evaluate, fit, select_device

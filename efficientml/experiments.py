@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from .data import TensorLoader, load_dataset
-from .models import MLP, count_parameters
+from .models import MLP, ConvNet, count_macs, count_parameters
 from .profiles import get_profile
 from .reproducibility import seed_everything
 from .results import provenance, result_path, write_json
@@ -61,20 +61,82 @@ def run_mlp(s: dict, out_dir: Path, device, progress) -> dict:
     train_loader, test_loader, train = train_loaders(s, device)
     c, h, w = train.shape
     model = MLP(c * h * w, tuple(s["hidden"]), train.num_classes)
-    stem = out_dir / f"mlp-{s['profile']}"
     hist = fit(model, train_loader, test_loader, epochs=s["epochs"], lr=s["lr"], device=device,
-               checkpoint=stem.with_suffix(".ckpt.pt"), progress=progress, desc="mlp")
-    torch.save(model.state_dict(), stem.with_suffix(".weights.pt"))
+               checkpoint=_checkpoint(out_dir, "mlp", s), progress=progress, desc="mlp")
+    if out_dir is not None:
+        torch.save(model.state_dict(), out_dir / f"mlp-{s['profile']}.weights.pt")
     return {"parameters": count_parameters(model), "final_test_acc": hist.test_acc[-1] if hist.epochs else None,
-            "history": hist.to_dict()}
+            "history": hist}
 
 
-def run_experiment(name: str, profile: str | None = None, out_dir: str | Path = "results",
-                   overrides: dict | None = None, device=None, progress: bool | None = None) -> Path:
-    """Run experiment ``name`` under ``profile`` and write ``OUT_DIR/NAME-PROFILE.json``.
+def _checkpoint(out_dir: Path | None, stem: str, s: dict) -> Path | None:
+    return None if out_dir is None else out_dir / f"{stem}-{s['profile']}.ckpt.pt"
 
-    overrides: settings to change (keys must exist). An interrupted run resumes from its per-epoch
-    checkpoint in ``out_dir`` when started again with the same arguments.
+
+# -- Chapter 1: learning rates and schedules ---------------------------------------------------
+
+CONVNET_QUICK = dict(dataset="fashion-mnist", n_per_class=300, test_per_class=200, width=0.5, batch_size=128,
+                     augment=True, momentum=0.9, weight_decay=5e-4, seed=0)
+CONVNET_FULL = dict(dataset="cifar10", n_per_class=None, test_per_class=None, width=1.0, batch_size=128,
+                    augment=True, momentum=0.9, weight_decay=5e-4, seed=0)
+
+
+def train_convnet(s: dict, lr: float, epochs: int, scheduler: str = "none", milestones=None, gamma: float = 0.1, *,
+                  out_dir: Path | None = None, tag: str = "convnet", device=None, progress=None,
+                  callback=None, model=None):
+    """Train the (``width``-scaled) ConvNet on ``s["dataset"]`` with SGD; returns (model, History).
+
+    Seeds before building the model, so every run starts from the same weights and sees the same
+    batches whatever ran before it.
+    """
+    seed_everything(s["seed"], threads=None if select_device(device).type == "cuda" else 2,
+                    deterministic=select_device(device).type != "cuda")
+    train_loader, test_loader, train = train_loaders(s, device)
+    if model is None:
+        model = ConvNet(train.shape[0], train.num_classes, s["width"])
+    hist = fit(model, train_loader, test_loader, epochs=epochs, lr=lr, momentum=s["momentum"],
+               weight_decay=s["weight_decay"], scheduler=scheduler, milestones=milestones, gamma=gamma, device=device,
+               callback=callback, checkpoint=_checkpoint(out_dir, tag, s), progress=progress, desc=tag)
+    return model, hist
+
+
+def convnet_size(s: dict) -> dict:
+    """Parameters and multiply-accumulates per image of the ConvNet that settings ``s`` train."""
+    c, h, w = (1, 28, 28) if s["dataset"] in ("fashion-mnist", "mnist") else (3, 32, 32)
+    net = ConvNet(c, 10, s["width"])
+    return {"parameters": count_parameters(net), "macs_per_image": count_macs(net, (c, h, w))}
+
+
+@register("lr-sweep", "Chapter 1.1: ConvNet trained for 5 epochs at lr 0.0001, 0.1 and 1.0.",
+          quick=CONVNET_QUICK | dict(lrs=[0.0001, 0.1, 1.0], epochs=5),
+          full=CONVNET_FULL | dict(lrs=[0.0001, 0.1, 1.0], epochs=5))
+def run_lr_sweep(s: dict, out_dir: Path | None, device, progress) -> dict:
+    runs = {}
+    for lr in s["lrs"]:
+        _, runs[str(lr)] = train_convnet(s, lr, s["epochs"], out_dir=out_dir, tag=f"lr-sweep-lr{lr}",
+                                         device=device, progress=progress)
+    return convnet_size(s) | {"runs": runs}
+
+
+@register("schedules", "Chapter 1.2: ConvNet at lr 0.1 with MultiStepLR (/10 every quarter) vs CosineAnnealingLR.",
+          quick=CONVNET_QUICK | dict(lr=0.1, epochs=12, milestones=[3, 6, 9], gamma=0.1),
+          full=CONVNET_FULL | dict(lr=0.1, epochs=100, milestones=[25, 50, 75], gamma=0.1))
+def run_schedules(s: dict, out_dir: Path | None, device, progress) -> dict:
+    runs = {}
+    for name in ("multistep", "cosine"):
+        _, runs[name] = train_convnet(s, s["lr"], s["epochs"], name, s["milestones"] if name == "multistep" else None,
+                                      s["gamma"], out_dir=out_dir, tag=f"schedules-{name}", device=device, progress=progress)
+    return convnet_size(s) | {"runs": runs}
+
+
+def run(name: str, profile: str | None = None, overrides: dict | None = None, out_dir: str | Path | None = None,
+        device=None, progress: bool | None = None) -> dict:
+    """Run experiment ``name`` under ``profile`` (default ``$EFFICIENTML_PROFILE`` or quick).
+
+    Returns ``{"experiment", "profile", "settings", "results", "wall_time_s", "provenance"}``;
+    results hold ``History`` objects where the experiment trained something.
+    overrides: settings to change (keys must exist). out_dir: where per-epoch checkpoints go
+    (None: no checkpoints); an interrupted run resumes from them when started again.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(sorted(EXPERIMENTS))}")
@@ -84,13 +146,20 @@ def run_experiment(name: str, profile: str | None = None, out_dir: str | Path = 
         if k not in settings:
             raise ValueError(f"{name} has no setting {k!r}; its settings are {', '.join(settings)}")
         settings[k] = v
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(device)
     seed_everything(settings["seed"], threads=None if device.type == "cuda" else 2,
                     deterministic=device.type != "cuda")
     t0 = time.perf_counter()
     results = exp.run(settings | {"profile": profile}, out_dir, device, progress)
-    payload = {"experiment": name, "profile": profile, "settings": settings, "results": results,
-               "wall_time_s": time.perf_counter() - t0, "provenance": provenance(device)}
-    return write_json(result_path(out_dir, name, profile), payload)
+    return {"experiment": name, "profile": profile, "settings": settings, "results": results,
+            "wall_time_s": time.perf_counter() - t0, "provenance": provenance(device)}
+
+
+def run_experiment(name: str, profile: str | None = None, out_dir: str | Path = "results",
+                   overrides: dict | None = None, device=None, progress: bool | None = None) -> Path:
+    """``run`` the experiment with checkpoints in ``out_dir`` and write ``OUT_DIR/NAME-PROFILE.json``."""
+    payload = run(name, profile, overrides, out_dir, device, progress)
+    return write_json(result_path(out_dir, name, payload["profile"]), payload)

@@ -1,6 +1,7 @@
 """Models shared by several chapters."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 
@@ -30,3 +31,66 @@ class MLP(nn.Module):
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of scalar parameters (only those with ``requires_grad`` if ``trainable_only``)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+class ConvNet(nn.Module):
+    """The assignment's ConvNet: nine conv(3x3)-BatchNorm-ReLU blocks, global average pooling, one Linear.
+
+    Channels 32, 32, 64, 64, 64, 128, 128, 256, 256 (times ``width``); the third and sixth blocks
+    have stride 2, so the net downsamples by stride, not by pooling. At ``width=1`` on
+    3x32x32 CIFAR-10 images it has about 1.2M parameters and 105M multiply-accumulates per image.
+    Input (B, in_channels, H, W); output (B, num_classes) logits.
+    """
+    CHANNELS = (32, 32, 64, 64, 64, 128, 128, 256, 256)
+    STRIDES = (1, 1, 2, 1, 1, 2, 1, 1, 1)
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0):
+        super().__init__()
+        if in_channels < 1 or num_classes < 1 or not width > 0:
+            raise ValueError(f"need in_channels >= 1, num_classes >= 1, width > 0; got "
+                             f"{in_channels}, {num_classes}, {width}")
+        channels = [max(1, round(c * width)) for c in self.CHANNELS]
+        blocks, c_in = [], in_channels
+        for c_out, stride in zip(channels, self.STRIDES):
+            blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False),
+                                        nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)))
+            c_in = c_out
+        self.features = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)).flatten(1))
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass of ONE example of shape ``input_shape`` (C, H, W).
+
+    Counts the convolutions (out elements x in_channels/groups x kernel area) and linear layers
+    (out features x in features), where nearly all the work is; BatchNorm, ReLU, pooling and
+    biases are left out, as is usual.
+    """
+    macs = 0
+
+    def conv_hook(m: nn.Conv2d, inp, out):
+        nonlocal macs
+        k = m.kernel_size[0] * m.kernel_size[1]
+        macs += out[0].numel() * (m.in_channels // m.groups) * k
+
+    def linear_hook(m: nn.Linear, inp, out):
+        nonlocal macs
+        macs += out[0].numel() * m.in_features
+
+    handles = [m.register_forward_hook(conv_hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    handles += [m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            p = next(model.parameters())
+            model(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs

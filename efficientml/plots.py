@@ -65,6 +65,17 @@ def plot_accuracy(runs: History | Mapping[str, History], split: str = "test", ax
     return ax
 
 
+def plot_lr(runs: History | Mapping[str, History], ax=None, title: str | None = None):
+    """The learning rate each epoch was trained with, one step line per run."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for label, h in _runs(runs).items():
+        ax.step(np.arange(1, len(h.lr) + 1), h.lr, where="mid", marker="o", ms=3, label=label or None)
+    ax.set(xlabel="epoch", ylabel="learning rate", title=title)
+    if any(_runs(runs)):
+        ax.legend()
+    return ax
+
+
 def plot_history(runs: History | Mapping[str, History], window: int = 50, title: str | None = None):
     """The standard two-panel figure: smoothed training loss and test accuracy against epochs."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
@@ -73,3 +84,21 @@ def plot_history(runs: History | Mapping[str, History], window: int = 50, title:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def seconds(t: float) -> str:
+    """A duration as the book prints it, e.g. ``'12.3 s'`` (nbval's sanitizer masks this form)."""
+    return f"{t:.1f} s"
+
+
+def markdown_table(rows: list[list], headers: list[str]) -> str:
+    """A Markdown table; floats print with 4 significant digits, None as an empty cell."""
+    def cell(v):
+        if v is None:
+            return ""
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+    if any(len(r) != len(headers) for r in rows):
+        raise ValueError("every row needs one cell per header")
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)

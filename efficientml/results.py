@@ -42,11 +42,19 @@ def provenance(device: str | torch.device = "cpu") -> dict:
     }
 
 
+def _jsonable(obj):
+    if hasattr(obj, "to_dict"):          # e.g. a training History
+        return obj.to_dict()
+    if isinstance(obj, (np.generic, torch.Tensor)) and obj.ndim == 0:
+        return obj.item()
+    raise TypeError(f"cannot store a {type(obj).__name__} in a JSON result")
+
+
 def write_json(path: str | os.PathLike, payload: dict) -> Path:
     """Write ``payload`` as JSON atomically: the file holds either its old or its whole new text."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(payload, indent=1, allow_nan=True, default=float) + "\n"  # serialise before touching disk
+    text = json.dumps(payload, indent=1, allow_nan=True, default=_jsonable) + "\n"  # serialise before touching disk
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm  # plain text bars: no widget machinery (and no warning) in notebooks
 
 LN2 = math.log(2.0)
 

@@ -1,0 +1,105 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, fit, seed_everything
+from efficientml.experiments import EXPERIMENTS
+from efficientml.train import make_scheduler
+
+
+@pytest.mark.parametrize("in_channels, size", [(1, 28), (3, 32), (3, 64)])
+def test_convnet_output_shapes(in_channels, size):
+    net = ConvNet(in_channels=in_channels, num_classes=10, width=0.25)
+    out = net(torch.randn(4, in_channels, size, size))
+    assert out.shape == (4, 10)
+    feats = net.features(torch.randn(2, in_channels, size, size))
+    assert feats.shape == (2, net.classifier.in_features, math.ceil(size / 4), math.ceil(size / 4))  # two stride-2 blocks
+
+
+def test_convnet_is_the_assignments_net():
+    net = ConvNet(3, 10)
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+    assert [c.out_channels for c in convs] == [32, 32, 64, 64, 64, 128, 128, 256, 256]
+    assert [c.stride[0] for c in convs] == [1, 1, 2, 1, 1, 2, 1, 1, 1]
+    assert all(c.kernel_size == (3, 3) for c in convs)
+    assert not any(isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) for m in net.modules())  # stride, not pooling
+    # conv weights + BN (weight, bias) + Linear(256, 10), by hand
+    chans = [3, 32, 32, 64, 64, 64, 128, 128, 256, 256]
+    by_hand = sum(9 * a * b + 2 * b for a, b in zip(chans[:-1], chans[1:])) + 256 * 10 + 10
+    assert count_parameters(net) == by_hand == 1_212_778
+
+
+def test_count_macs_by_hand():
+    sizes = [32, 32, 16, 16, 16, 8, 8, 8, 8]  # output side of each block on a 32x32 image
+    chans = [3, 32, 32, 64, 64, 64, 128, 128, 256, 256]
+    by_hand = sum(s * s * 9 * a * b for s, a, b in zip(sizes, chans[:-1], chans[1:])) + 256 * 10
+    assert count_macs(ConvNet(3, 10), (3, 32, 32)) == by_hand
+    assert 100e6 < by_hand < 110e6  # "about 105M" in the syllabus
+    lin = nn.Sequential(nn.Flatten(), nn.Linear(12, 5))
+    assert count_macs(lin, (3, 4)) == 60
+
+
+def test_convnet_width_and_validation():
+    assert count_parameters(ConvNet(1, 10, width=0.5)) < count_parameters(ConvNet(1, 10)) / 3
+    with pytest.raises(ValueError):
+        ConvNet(3, 10, width=0)
+
+
+def _lrs(name, epochs, **kw):
+    opt = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sched = make_scheduler(opt, name, epochs, **kw)
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_full_profile_multistep_divides_by_ten_every_25_epochs():
+    s = EXPERIMENTS["schedules"].settings["full"]
+    lrs = _lrs("multistep", s["epochs"], milestones=s["milestones"], gamma=s["gamma"])
+    for epoch, lr in [(0, 0.1), (24, 0.1), (25, 0.01), (49, 0.01), (50, 0.001), (74, 0.001), (75, 1e-4), (99, 1e-4)]:
+        assert lrs[epoch] == pytest.approx(lr), epoch
+
+
+def test_quick_profile_milestones_fall_every_quarter():
+    for profile in ("quick", "full"):
+        s = EXPERIMENTS["schedules"].settings[profile]
+        assert s["milestones"] == [s["epochs"] * k // 4 for k in (1, 2, 3)]
+
+
+def test_cosine_schedule_values():
+    lrs = _lrs("cosine", 100)
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[50] == pytest.approx(0.05)
+    assert lrs[25] == pytest.approx(0.05 * (1 + math.cos(math.pi / 4)))
+    assert lrs[99] == pytest.approx(0.05 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_lr_01_beats_lr_00001_after_one_short_epoch(fashion_train, fashion_test):
+    train, test = fashion_train.subset(60, seed=0), fashion_test.subset(30, seed=0)
+    acc = {}
+    for lr in (0.0001, 0.1):
+        seed_everything(0)
+        net = ConvNet(1, 10, width=0.25)
+        h = fit(net, TensorLoader(train, 32, shuffle=True, seed=0), TensorLoader(test, 300),
+                epochs=1, lr=lr, device="cpu", progress=False)
+        acc[lr] = (h.test_acc[-1], h.train_loss[-1])
+    assert acc[0.1][0] > acc[0.0001][0] + 0.1
+    assert acc[0.1][1] < acc[0.0001][1]
+
+
+def test_lr_sweep_result_file_has_what_the_chapter_reads(tmp_path, data_dir):
+    from efficientml.experiments import run_experiment
+    from efficientml.results import load_result
+    run_experiment("lr-sweep", "quick", tmp_path, {"lrs": [0.1], "epochs": 1, "n_per_class": 10,
+                                                   "test_per_class": 10, "width": 0.25}, "cpu", False)
+    r = load_result("lr-sweep", "quick", tmp_path)
+    assert r["results"]["parameters"] == count_parameters(ConvNet(1, 10, 0.25))
+    h = r["results"]["runs"]["0.1"]
+    assert len(h["test_acc"]) == 1 and len(h["train_acc"]) == 1 and h["diverged"] is False
+    assert (tmp_path / "lr-sweep-lr0.1-quick.ckpt.pt").exists()
