@@ -54,6 +54,36 @@ def bench_loader(dataset: str = "fashion-mnist", batch_size: int = 128, epochs: 
             "torchvision_dataloader": _images_per_second(dl, epochs, device)}
 
 
+@torch.no_grad()
+def latency(model: torch.nn.Module, x: torch.Tensor, repeat: int = 50, warmup: int = 5) -> float:
+    """Median wall time (seconds) of one forward pass of ``model`` on the batch ``x``."""
+    model.eval()
+    for _ in range(warmup):
+        model(x)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        model(x)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def bench_quantization(batch_sizes=(1, 1000), repeat: int = 50) -> list[dict]:
+    """CPU latency of the Chapter 2 MLP in fp32 and with PyTorch's dynamic int8 quantization.
+
+    Latency does not depend on the weights' values, so an untrained MLP of the same shape serves.
+    """
+    from .models import MLP
+    from .quantization import dynamic_int8
+    torch.manual_seed(0)
+    fp32 = MLP(784, (256, 128), 10).eval()
+    int8 = dynamic_int8(fp32)
+    return [{"batch": b, "fp32_s": latency(fp32, x, repeat), "dynamic_int8_s": latency(int8, x, repeat)}
+            for b in batch_sizes for x in [torch.randn(b, 1, 28, 28)]]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficientml.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -63,7 +93,15 @@ def main(argv=None) -> int:
     b.add_argument("--epochs", type=int, default=1)
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--device", default=None)
+    qb = sub.add_parser("quantization", help="MLP latency on the CPU: fp32 vs PyTorch dynamic int8")
+    qb.add_argument("--repeat", type=int, default=200)
     a = p.parse_args(argv)
+    if a.what == "quantization":
+        print(f"MLP 784-256-128-10 forward pass on the CPU, torch threads {torch.get_num_threads()}, median of {a.repeat}")
+        for r in bench_quantization(repeat=a.repeat):
+            print(f"  batch {r['batch']:>5}: fp32 {r['fp32_s'] * 1e6:9.1f} us   dynamic int8 {r['dynamic_int8_s'] * 1e6:9.1f} us"
+                  f"   ({r['fp32_s'] / r['dynamic_int8_s']:.2f}x)")
+        return 0
     try:
         r = bench_loader(a.dataset, a.batch_size, a.epochs, a.workers, a.device)
     except FileNotFoundError as e:
@@ -71,8 +109,8 @@ def main(argv=None) -> int:
         return 2
     print(f"{r['dataset']}: {r['images']} training images, batch {r['batch_size']}, with augmentation, "
           f"on {r['device']}, torch threads {torch.get_num_threads()}")
-    print(f"  TensorLoader (batched on the device)          {r['tensor_loader']:>10,.0f} images/s")
-    print(f"  torchvision DataLoader ({r['workers']} workers, PIL transforms) {r['torchvision_dataloader']:>10,.0f} images/s")
+    print(f"  {'TensorLoader (batches made on the device)':50s} {r['tensor_loader']:>10,.0f} images/s")
+    print(f"  {'torchvision DataLoader (%d workers, PIL transforms)' % r['workers']:50s} {r['torchvision_dataloader']:>10,.0f} images/s")
     print(f"  speed-up: {r['tensor_loader'] / r['torchvision_dataloader']:.1f}x")
     return 0
 

@@ -17,7 +17,8 @@ from .models import MLP, ConvNet, count_macs, count_parameters
 from .profiles import get_profile
 from .reproducibility import seed_everything
 from .results import provenance, result_path, write_json
-from .train import fit, select_device
+from .quantization import dequantized_model
+from .train import evaluate, fit, select_device
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,8 @@ def seed_for(seed: int, device) -> None:
 
 def train_loaders(s: dict, device) -> tuple[TensorLoader, TensorLoader, object]:
     """Train/test loaders for settings with ``dataset``, ``n_per_class`` (None: all), ``batch_size``,
-    ``augment`` and ``seed``."""
+    ``augment`` and ``seed``; ``device`` None means the best available."""
+    device = select_device(device)
     train = load_dataset(s["dataset"], train=True)
     if s.get("n_per_class"):
         train = train.subset(s["n_per_class"], seed=s["seed"])
@@ -59,21 +61,49 @@ def train_loaders(s: dict, device) -> tuple[TensorLoader, TensorLoader, object]:
             TensorLoader(test, 1000, device=device), train)
 
 
-@register("mlp", "An MLP classifier on Fashion-MNIST (MNIST where available); Chapter 2 quantizes it.",
-          quick=dict(dataset="fashion-mnist", n_per_class=1000, test_per_class=None, hidden=[256, 128],
-                     epochs=3, batch_size=128, lr=0.05, seed=0),
-          full=dict(dataset="fashion-mnist", n_per_class=None, test_per_class=None, hidden=[256, 128],
-                    epochs=20, batch_size=128, lr=0.05, seed=0))
-def run_mlp(s: dict, out_dir: Path, device, progress) -> dict:
+MLP_QUICK = dict(dataset="fashion-mnist", n_per_class=None, test_per_class=None, hidden=[256, 128],
+                 epochs=5, batch_size=128, lr=0.05, seed=0)
+MLP_FULL = MLP_QUICK | dict(epochs=20)
+
+
+def train_mlp(s: dict, out_dir: Path | None = None, device=None, progress=None, tag: str = "mlp"):
+    """Train the MLP of settings ``s`` with SGD; returns (model, History, test loader)."""
+    seed_for(s["seed"], device)
     train_loader, test_loader, train = train_loaders(s, device)
     c, h, w = train.shape
     model = MLP(c * h * w, tuple(s["hidden"]), train.num_classes)
     hist = fit(model, train_loader, test_loader, epochs=s["epochs"], lr=s["lr"], device=device,
-               checkpoint=_checkpoint(out_dir, "mlp", s), progress=progress, desc="mlp")
+               checkpoint=_checkpoint(out_dir, tag, s), progress=progress, desc=tag)
+    return model, hist, test_loader
+
+
+@register("mlp", "An MLP classifier on Fashion-MNIST (MNIST where available).", quick=MLP_QUICK, full=MLP_FULL)
+def run_mlp(s: dict, out_dir: Path | None, device, progress) -> dict:
+    model, hist, _ = train_mlp(s, out_dir, device, progress)
     if out_dir is not None:
         torch.save(model.state_dict(), out_dir / f"mlp-{s['profile']}.weights.pt")
     return {"parameters": count_parameters(model), "final_test_acc": hist.test_acc[-1] if hist.epochs else None,
             "history": hist}
+
+
+# -- Chapter 2: quantization -------------------------------------------------------------------
+
+def quantization_sweep(model, test_loader, bits: list[int]) -> dict:
+    """Test (loss in bits, accuracy) of ``model`` in fp32 and after quantizing every parameter to
+    each bit width, per tensor and per output channel."""
+    def measure(m):
+        loss, acc = evaluate(m, test_loader)
+        return {"test_loss": loss, "test_acc": acc}
+    return {"fp32": measure(model),
+            **{mode: {str(b): measure(dequantized_model(model, b, per_channel=mode == "per_channel")) for b in bits}
+               for mode in ("per_tensor", "per_channel")}}
+
+
+@register("quantization", "Chapter 2.2: an MLP's parameters quantized to 8..2 bits, per tensor and per channel.",
+          quick=MLP_QUICK | dict(bits=[8, 7, 6, 5, 4, 3, 2]), full=MLP_FULL | dict(bits=[8, 7, 6, 5, 4, 3, 2]))
+def run_quantization(s: dict, out_dir: Path | None, device, progress) -> dict:
+    model, hist, test_loader = train_mlp(s, out_dir, device, progress, tag="quantization-mlp")
+    return {"parameters": count_parameters(model), "history": hist} | quantization_sweep(model, test_loader, s["bits"])
 
 
 def _checkpoint(out_dir: Path | None, stem: str, s: dict) -> Path | None:
@@ -133,6 +163,14 @@ def run_schedules(s: dict, out_dir: Path | None, device, progress) -> dict:
         _, runs[name] = train_convnet(s, s["lr"], s["epochs"], name, s["milestones"] if name == "multistep" else None,
                                       s["gamma"], out_dir=out_dir, tag=f"schedules-{name}", device=device, progress=progress)
     return convnet_size(s) | {"runs": runs}
+
+
+def settings(name: str, profile: str | None = None) -> dict:
+    """A copy of experiment ``name``'s settings under ``profile`` (default: ``get_profile()``)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(sorted(EXPERIMENTS))}")
+    profile = get_profile(profile)
+    return dict(EXPERIMENTS[name].settings[profile]) | {"profile": profile}
 
 
 def run(name: str, profile: str | None = None, overrides: dict | None = None, out_dir: str | Path | None = None,

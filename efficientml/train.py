@@ -127,7 +127,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str = "none", epochs:
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
     """(mean cross-entropy in bits per example, accuracy) of ``model`` over ``loader``."""
-    device = device or next(model.parameters()).device
+    if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
+        device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     total_loss, correct, n = 0.0, 0, 0
     for x, y in loader:

@@ -1,0 +1,181 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from torch import nn
+
+from efficientml import MLP
+from efficientml.quantization import (QuantizedArray, dequantize, dequantized_model, dynamic_int8, load_quantized,
+                                      quantize, quantize_state_dict, save_quantized, serialized_size)
+
+
+def _step(q: QuantizedArray, ndim: int) -> np.ndarray:
+    """Each value's quantization step, broadcast against the array."""
+    s = np.asarray(q.scale, dtype=np.float64)
+    if q.axis is None:
+        return s
+    return s.reshape([-1 if d == q.axis else 1 for d in range(ndim)])
+
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+shapes = st.one_of(st.tuples(st.integers(1, 50)), st.tuples(st.integers(1, 12), st.integers(1, 12)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(x=arrays(np.float32, shapes, elements=finite), bits=st.integers(1, 8), per_channel=st.booleans(),
+       scale=st.sampled_from([1e-3, 1.0, 1e3]))
+def test_round_trip_error_is_at_most_half_a_step(x, bits, per_channel, scale):
+    x = x * np.float32(scale)
+    q = quantize(x, bits, axis=0 if per_channel else None)
+    x_hat = dequantize(q)
+    assert x_hat.dtype == np.float32 and x_hat.shape == x.shape
+    assert q.codes.dtype == np.uint8 and q.codes.max() <= 2 ** bits - 1
+    err = np.abs(x.astype(np.float64) - x_hat)
+    bound = _step(q, x.ndim) / 2
+    assert (err <= bound * (1 + 1e-5) + 1e-6 * np.abs(x)).all()
+    # codes round-trip exactly: quantize(dequantize(q)) == q
+    q2 = quantize(x_hat, bits, axis=q.axis)
+    np.testing.assert_array_equal(q2.codes, q.codes)
+    np.testing.assert_array_equal(q2.zero_point, q.zero_point)
+
+
+@pytest.mark.parametrize("shape", [(1000,), (100, 10), (7, 3, 5)])
+def test_codes_take_four_times_less_memory(shape):
+    x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    q = quantize(x)
+    assert x.nbytes == 4 * q.codes.nbytes
+    assert q.nbytes == q.codes.nbytes + 4 + 1  # plus one float32 scale and one uint8 zero point
+    assert all(a.flags.owndata for a in (q.codes, q.scale, q.zero_point, dequantize(q)))  # no views of torch memory
+
+
+def test_hand_computed_example():
+    x = np.array([-1.0, 0.0, 0.5, 3.0], dtype=np.float32)  # range [-1, 3], 2 bits: 3 steps of 4/3
+    q = quantize(x, bits=2)
+    assert q.scale == pytest.approx(4 / 3) and q.zero_point == 1  # round(1 / (4/3)) = round(0.75) = 1
+    np.testing.assert_array_equal(q.codes, [0, 1, 1, 3])        # round(x / s) + 1, clamped to 0..3
+    np.testing.assert_allclose(dequantize(q), [-4 / 3, 0, 0, 8 / 3], rtol=1e-6)
+
+
+def test_zero_is_exact_and_positive_data_widen_to_zero():
+    x = np.array([0.0, 2.0, 5.0, 0.0], dtype=np.float32)
+    q = quantize(x, bits=4)
+    assert q.zero_point == 0 and dequantize(q)[0] == 0.0 and dequantize(q)[3] == 0.0
+
+
+@pytest.mark.parametrize("value", [0.0, 3.7, -2.1, 1e-30])
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_constant_arrays_round_trip_exactly(value, bits):
+    x = np.full((4, 5), value, dtype=np.float32)
+    for axis in (None, 0, 1):
+        q = quantize(x, bits, axis)
+        assert np.all(np.isfinite(q.scale)) and np.all(q.scale > 0)
+        np.testing.assert_array_equal(dequantize(q), x)
+
+
+def test_per_channel_scales_are_shaped_per_channel():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(6, 20)).astype(np.float32) * np.logspace(-2, 2, 6, dtype=np.float32)[:, None]
+    q0, q1, qt = quantize(w, 8, axis=0), quantize(w, 8, axis=1), quantize(w, 8)
+    assert q0.scale.shape == q0.zero_point.shape == (6,)
+    assert q1.scale.shape == (20,) and qt.scale.shape == ()
+    for i in range(6):  # each row's own scale is what quantizing that row alone gives
+        assert q0.scale[i] == quantize(w[i], 8).scale
+    # rows of very different size: per-channel is far more accurate on the small rows
+    err_t = np.abs(dequantize(qt) - w)[0].max()
+    err_c = np.abs(dequantize(q0) - w)[0].max()
+    assert err_c < err_t / 100
+    assert quantize(w, 8, axis=-2).axis == 0
+
+
+def test_torch_tensors_in_torch_tensors_out():
+    t = torch.randn(8, 4, 3, 3)
+    q = quantize(t, 8, axis=0)
+    assert isinstance(q.codes, torch.Tensor) and q.codes.dtype == torch.uint8 and q.scale.shape == (8,)
+    back = dequantize(q)
+    assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
+    assert (back - t).abs().max() <= q.scale.max() / 2 * (1 + 1e-5)
+    np.testing.assert_array_equal(quantize(t.numpy(), 8, axis=0).codes, q.codes.numpy())  # same answer both ways
+
+
+@pytest.mark.parametrize("x, kw, err", [
+    (np.array([], dtype=np.float32), {}, ValueError),
+    (np.zeros((0, 3), dtype=np.float32), {}, ValueError),
+    (np.array([1.0, np.nan], dtype=np.float32), {}, ValueError),
+    (np.array([1.0, np.inf], dtype=np.float32), {}, ValueError),
+    (np.array([1, 2, 3]), {}, TypeError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 0}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 9}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 4.0}, TypeError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": True}, TypeError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"axis": 1}, ValueError),
+    (np.float32(2.0), {}, TypeError),
+    (np.array(2.0, dtype=np.float32), {}, ValueError),
+    ([1.0, 2.0], {}, TypeError),
+    (torch.tensor([1, 2]), {}, TypeError),
+])
+def test_bad_input_is_rejected(x, kw, err):
+    with pytest.raises(err):
+        quantize(x, **kw)
+
+
+def test_dequantize_checks_its_input():
+    with pytest.raises(TypeError):
+        dequantize(np.zeros(3, np.uint8))
+    q = quantize(np.ones(3, np.float32))
+    with pytest.raises(TypeError, match="uint8"):
+        dequantize(QuantizedArray(q.codes.astype(np.int32), q.scale, q.zero_point, 8))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantized_linear_layer_within_the_bound_from_its_scales(per_channel):
+    torch.manual_seed(0)
+    layer = nn.Linear(64, 16)
+    x = torch.randn(32, 64)
+    qw = quantize(layer.weight, 8, axis=0 if per_channel else None)
+    qb = quantize(layer.bias, 8)
+    y = layer(x)
+    y_hat = x @ dequantize(qw).T + dequantize(qb)
+    # |W_hat - W| <= s_w / 2 elementwise and |b_hat - b| <= s_b / 2, so for each output i:
+    # |y_hat_i - y_i| <= (s_w,i / 2) * sum_j |x_j| + s_b / 2
+    s_w = qw.scale.reshape(1, -1) if per_channel else qw.scale
+    bound = s_w / 2 * x.abs().sum(1, keepdim=True) + qb.scale / 2
+    assert ((y_hat - y).abs() <= bound * (1 + 1e-4) + 1e-5).all()
+    assert (y_hat - y).abs().max() > 0  # it is an approximation, not the identity
+
+
+def test_model_round_trip_and_real_storage():
+    torch.manual_seed(0)
+    model = MLP(784, (256, 128), 10)
+    x = torch.randn(5, 1, 28, 28)
+    for bits in (8, 4):
+        qsd = quantize_state_dict(model, bits)
+        assert set(qsd) == set(model.state_dict())
+        m = dequantized_model(model, bits)
+        for name, p in m.state_dict().items():
+            ref = model.state_dict()[name]
+            assert (p - ref).abs().max() <= qsd[name].scale / 2 * (1 + 1e-5)
+        assert m is not model and not torch.equal(m(x), model(x))
+    buf = io.BytesIO()
+    save_quantized(model, buf, bits=8, per_channel=True)
+    size_q, size_fp = buf.getbuffer().nbytes, serialized_size(model)
+    assert size_q < size_fp / 3.5  # the codes are a quarter; scales, zero points and headers add a little
+    buf.seek(0)
+    loaded = load_quantized(MLP(784, (256, 128), 10), buf)
+    torch.testing.assert_close(loaded(x), dequantized_model(model, 8, per_channel=True)(x))
+
+
+def test_dynamic_int8_agrees_with_fp32():
+    torch.manual_seed(0)
+    model = MLP(784, (256, 128), 10).eval()
+    x = torch.randn(64, 1, 28, 28)
+    qm = dynamic_int8(model)
+    dynamic_linear = torch.ao.nn.quantized.dynamic.Linear
+    assert sum(isinstance(m, dynamic_linear) for m in qm.modules()) == 3
+    assert not any(isinstance(m, dynamic_linear) for m in model.modules())  # the original is untouched
+    ref, out = model(x), qm(x)
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+    assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.9
