@@ -84,6 +84,37 @@ def bench_quantization(batch_sizes=(1, 1000), repeat: int = 50) -> list[dict]:
             for b in batch_sizes for x in [torch.randn(b, 1, 28, 28)]]
 
 
+def bench_sparse_conv(channels: int = 256, size: int = 8, batch: int = 64, sparsities=(0.0, 0.5, 0.9, 0.99),
+                      repeat: int = 20) -> list[dict]:
+    """CPU latency of one 3x3 convolution (``channels`` -> ``channels`` on ``size`` x ``size`` maps,
+    the shape of the ConvNet's widest layers) with unstructured sparsity, three ways: the masked
+    dense convolution (what training uses), and a matrix product over unfolded patches with the
+    weight matrix stored dense or sparse (CSR); the last two differ only in the product."""
+    from .pruning import SparseConv2d, conv_as_matmul, unstructured_pruning
+    torch.manual_seed(0)
+    conv = SparseConv2d(channels, channels, 3, padding=1, bias=False, granularity="weight").eval()
+    x = torch.randn(batch, channels, size, size)
+    rows = []
+    for p in sparsities:
+        unstructured_pruning(torch.nn.Sequential(conv), p)
+        dense_mm, sparse_mm = conv_as_matmul(conv, layout=None), conv_as_matmul(conv)
+        with torch.no_grad():
+            err = max((f(x) - conv(x)).abs().max().item() for f in (dense_mm, sparse_mm))
+        rows.append({"sparsity": p, "conv_s": latency(conv, x, repeat), "dense_matmul_s": latency(_Fn(dense_mm), x, repeat),
+                     "sparse_matmul_s": latency(_Fn(sparse_mm), x, repeat), "max_abs_diff": err})
+    return rows
+
+
+class _Fn(torch.nn.Module):
+    """A function as a module, so ``latency`` can time it."""
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficientml.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -95,7 +126,15 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None)
     qb = sub.add_parser("quantization", help="MLP latency on the CPU: fp32 vs PyTorch dynamic int8")
     qb.add_argument("--repeat", type=int, default=200)
+    pb = sub.add_parser("pruning", help="3x3 conv latency on the CPU: masked dense vs sparse CSR, by sparsity")
+    pb.add_argument("--repeat", type=int, default=20)
     a = p.parse_args(argv)
+    if a.what == "pruning":
+        print(f"3x3 conv 256->256 on 8x8 maps, batch 64, torch threads {torch.get_num_threads()}, median of {a.repeat}")
+        for r in bench_sparse_conv(repeat=a.repeat):
+            print(f"  sparsity {r['sparsity']:4.0%}: masked conv2d {r['conv_s'] * 1e3:7.2f} ms   im2col + dense "
+                  f"{r['dense_matmul_s'] * 1e3:7.2f} ms   im2col + sparse CSR {r['sparse_matmul_s'] * 1e3:7.2f} ms")
+        return 0
     if a.what == "quantization":
         print(f"MLP 784-256-128-10 forward pass on the CPU, torch threads {torch.get_num_threads()}, median of {a.repeat}")
         for r in bench_quantization(repeat=a.repeat):

@@ -5,6 +5,7 @@ it and returns its results; ``run_experiment`` adds provenance and writes the JS
 """
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,9 +16,10 @@ import torch
 from .data import TensorLoader, load_dataset
 from .models import MLP, ConvNet, count_macs, count_parameters
 from .profiles import get_profile
+from .pruning import PruningSchedule, SparseConvNet
+from .quantization import dequantized_model
 from .reproducibility import seed_everything
 from .results import provenance, result_path, write_json
-from .quantization import dequantized_model
 from .train import evaluate, fit, select_device
 
 
@@ -120,16 +122,16 @@ CONVNET_FULL = dict(dataset="cifar10", n_per_class=None, test_per_class=None, wi
 
 def train_convnet(s: dict, lr: float, epochs: int, scheduler: str = "none", milestones=None, gamma: float = 0.1, *,
                   out_dir: Path | None = None, tag: str = "convnet", device=None, progress=None,
-                  callback=None, model=None):
-    """Train the (``width``-scaled) ConvNet on ``s["dataset"]`` with SGD; returns (model, History).
+                  callback=None, make_model: Callable = ConvNet):
+    """Train ``make_model(in_channels, num_classes, width)`` (default: the ``width``-scaled ConvNet)
+    on ``s["dataset"]`` with SGD; returns (model, History).
 
     Seeds before building the model, so every run starts from the same weights and sees the same
     batches whatever ran before it.
     """
     seed_for(s["seed"], device)
     train_loader, test_loader, train = train_loaders(s, device)
-    if model is None:
-        model = ConvNet(train.shape[0], train.num_classes, s["width"])
+    model = make_model(train.shape[0], train.num_classes, s["width"])
     hist = fit(model, train_loader, test_loader, epochs=epochs, lr=lr, momentum=s["momentum"],
                weight_decay=s["weight_decay"], scheduler=scheduler, milestones=milestones, gamma=gamma, device=device,
                callback=callback, checkpoint=_checkpoint(out_dir, tag, s), progress=progress, desc=tag)
@@ -206,3 +208,36 @@ def run_experiment(name: str, profile: str | None = None, out_dir: str | Path = 
     """``run`` the experiment with checkpoints in ``out_dir`` and write ``OUT_DIR/NAME-PROFILE.json``."""
     payload = run(name, profile, overrides, out_dir, device, progress)
     return write_json(result_path(out_dir, name, payload["profile"]), payload)
+
+
+# -- Chapter 3: pruning ------------------------------------------------------------------------
+
+def train_pruning_runs(s: dict, out_dir: Path | None = None, device=None, progress=None) -> dict:
+    """The baseline ConvNet, and SparseConvNets pruned structurally and unstructurally on the
+    schedule of ``s`` (prune_start, prune_every, prune_stop, prune_step), all with the multistep
+    schedule. Returns {name: (model, History, PruningSchedule or None)}."""
+    runs = {}
+    for name in ("baseline", "structured", "unstructured"):
+        schedule = None if name == "baseline" else PruningSchedule(
+            name, s["prune_start"], s["prune_every"], s["prune_stop"], s["prune_step"])
+        granularity = "filter" if name == "structured" else "weight"
+        make_model = ConvNet if name == "baseline" else functools.partial(SparseConvNet, granularity=granularity)
+        model, hist = train_convnet(s, s["lr"], s["epochs"], "multistep", s["milestones"], s["gamma"],
+                                    out_dir=out_dir, tag=f"pruning-{name}", device=device, progress=progress,
+                                    callback=schedule, make_model=make_model)
+        runs[name] = (model, hist, schedule)
+    return runs
+
+
+PRUNING_QUICK = CONVNET_QUICK | dict(n_per_class=200, test_per_class=100, lr=0.1, epochs=20, milestones=[5, 10, 15],
+                                     gamma=0.1, prune_start=2, prune_every=2, prune_stop=10, prune_step=0.1)
+PRUNING_FULL = CONVNET_FULL | dict(lr=0.1, epochs=100, milestones=[25, 50, 75], gamma=0.1,
+                                   prune_start=10, prune_every=10, prune_stop=50, prune_step=0.1)
+
+
+@register("pruning", "Chapter 3: ConvNet baseline vs structured (filter L1) and unstructured pruning to 50%.",
+          quick=PRUNING_QUICK, full=PRUNING_FULL)
+def run_pruning(s: dict, out_dir: Path | None, device, progress) -> dict:
+    runs = train_pruning_runs(s, out_dir, device, progress)
+    return {"runs": {name: hist for name, (_, hist, _) in runs.items()},
+            "sparsity": {name: sched.log for name, (_, _, sched) in runs.items() if sched is not None}}

@@ -36,7 +36,8 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 class ConvNet(nn.Module):
     """The assignment's ConvNet: nine conv(3x3)-BatchNorm-ReLU blocks, global average pooling, one Linear.
 
-    Channels 32, 32, 64, 64, 64, 128, 128, 256, 256 (times ``width``); the third and sixth blocks
+    Channels 32, 32, 64, 64, 64, 128, 128, 256, 256 (times ``width``, or as given in ``channels``,
+    which is how a structurally pruned net is rebuilt smaller); the third and sixth blocks
     have stride 2, so the net downsamples by stride, not by pooling. At ``width=1`` on
     3x32x32 CIFAR-10 images it has about 1.2M parameters and 105M multiply-accumulates per image.
     Input (B, in_channels, H, W); output (B, num_classes) logits.
@@ -44,12 +45,16 @@ class ConvNet(nn.Module):
     CHANNELS = (32, 32, 64, 64, 64, 128, 128, 256, 256)
     STRIDES = (1, 1, 2, 1, 1, 2, 1, 1, 1)
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
+                 channels: list[int] | None = None):
         super().__init__()
         if in_channels < 1 or num_classes < 1 or not width > 0:
             raise ValueError(f"need in_channels >= 1, num_classes >= 1, width > 0; got "
                              f"{in_channels}, {num_classes}, {width}")
-        channels = [max(1, round(c * width)) for c in self.CHANNELS]
+        if channels is None:
+            channels = [max(1, round(c * width)) for c in self.CHANNELS]
+        elif len(channels) != len(self.CHANNELS) or min(channels) < 1:
+            raise ValueError(f"channels must be {len(self.CHANNELS)} positive ints, got {channels}")
         blocks, c_in = [], in_channels
         for c_out, stride in zip(channels, self.STRIDES):
             blocks.append(nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride, padding=1, bias=False),

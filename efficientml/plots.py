@@ -5,6 +5,7 @@ from typing import Mapping
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from .train import History
 
@@ -60,6 +61,7 @@ def plot_accuracy(runs: History | Mapping[str, History], split: str = "test", ax
         acc = np.asarray(getattr(h, f"{split}_acc")) * 100
         ax.plot(np.arange(1, len(acc) + 1), acc, marker="o", ms=3, label=label or None)
     ax.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if any(_runs(runs)):
         ax.legend()
     return ax
@@ -71,6 +73,7 @@ def plot_lr(runs: History | Mapping[str, History], ax=None, title: str | None = 
     for label, h in _runs(runs).items():
         ax.step(np.arange(1, len(h.lr) + 1), h.lr, where="mid", marker="o", ms=3, label=label or None)
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if any(_runs(runs)):
         ax.legend()
     return ax
