@@ -130,14 +130,14 @@ def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tu
     if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
         device = next(model.parameters(), torch.empty(0)).device
     model.eval()
-    total_loss, correct, n = 0.0, 0, 0
-    for x, y in loader:
+    total_loss, correct, n = torch.zeros((), dtype=torch.float64, device=device), 0, 0
+    for x, y in loader:  # sums stay on the device: one synchronisation at the end, not two per batch
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
         n += len(y)
-    return total_loss / n / LN2, correct / n
+    return total_loss.item() / n / LN2, int(correct) / n
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -216,7 +216,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
             history.iter_loss.append(value / LN2)
             history.iter_epoch.append(epoch + (i + 1) / n_batches)
             loss_sum += value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            correct += (logits.argmax(1) == y).sum()  # on the device; read once per epoch
             seen += len(y)
         if history.diverged:
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
@@ -225,7 +225,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
             sched.step()
         test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (math.nan, math.nan)
         history.train_loss.append(loss_sum / seen / LN2)
-        history.train_acc.append(correct / seen)
+        history.train_acc.append(int(correct) / seen)
         history.test_loss.append(test_loss)
         history.test_acc.append(test_acc)
         history.lr.append(epoch_lr)
