@@ -19,6 +19,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 book: setup
 	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
+	$(PY) scripts/vendor_mathjax.py _build/html
 
 test: setup
 	$(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
