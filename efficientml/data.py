@@ -34,14 +34,16 @@ class DatasetSpec:
     std: tuple[float, ...]   # per-channel pixel standard deviation of the training split
     crop_padding: int      # zero padding (pixels) for the random-crop augmentation
     hflip: bool            # whether a mirrored image is still an image of the same class
+    shape: tuple[int, int, int]  # (C, H, W) of one image
+    num_classes: int = 10
 
 
 DATASETS: dict[str, DatasetSpec] = {
     # Clothes look like clothes in a mirror; digits do not.
-    "fashion-mnist": DatasetSpec(datasets.FashionMNIST, "FashionMNIST", (0.2860,), (0.3530,), 2, True),
-    "mnist": DatasetSpec(datasets.MNIST, "MNIST", (0.1307,), (0.3081,), 2, False),
+    "fashion-mnist": DatasetSpec(datasets.FashionMNIST, "FashionMNIST", (0.2860,), (0.3530,), 2, True, (1, 28, 28)),
+    "mnist": DatasetSpec(datasets.MNIST, "MNIST", (0.1307,), (0.3081,), 2, False, (1, 28, 28)),
     "cifar10": DatasetSpec(datasets.CIFAR10, "cifar-10-batches-py",
-                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True),
+                           (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), 4, True, (3, 32, 32)),
 }
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .data import TensorLoader, load_dataset
+from .data import DATASETS, TensorLoader, load_dataset
 from .models import MLP, ConvNet, count_macs, count_parameters
 from .profiles import get_profile
 from .pruning import PruningSchedule, SparseConvNet
@@ -140,9 +140,9 @@ def train_convnet(s: dict, lr: float, epochs: int, scheduler: str = "none", mile
 
 def convnet_size(s: dict) -> dict:
     """Parameters and multiply-accumulates per image of the ConvNet that settings ``s`` train."""
-    c, h, w = (1, 28, 28) if s["dataset"] in ("fashion-mnist", "mnist") else (3, 32, 32)
-    net = ConvNet(c, 10, s["width"])
-    return {"parameters": count_parameters(net), "macs_per_image": count_macs(net, (c, h, w))}
+    spec = DATASETS[s["dataset"]]
+    net = ConvNet(spec.shape[0], spec.num_classes, s["width"])
+    return {"parameters": count_parameters(net), "macs_per_image": count_macs(net, spec.shape)}
 
 
 @register("lr-sweep", "Chapter 1.1: ConvNet trained for 5 epochs at lr 0.0001, 0.1 and 1.0.",
@@ -184,22 +184,19 @@ def run(name: str, profile: str | None = None, overrides: dict | None = None, ou
     overrides: settings to change (keys must exist). out_dir: where per-epoch checkpoints go
     (None: no checkpoints); an interrupted run resumes from them when started again.
     """
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(sorted(EXPERIMENTS))}")
-    exp, profile = EXPERIMENTS[name], get_profile(profile)
-    settings = dict(exp.settings[profile])
+    s = settings(name, profile)  # each experiment's training helpers seed before building a model
+    profile = s.pop("profile")
     for k, v in (overrides or {}).items():
-        if k not in settings:
-            raise ValueError(f"{name} has no setting {k!r}; its settings are {', '.join(settings)}")
-        settings[k] = v
+        if k not in s:
+            raise ValueError(f"{name} has no setting {k!r}; its settings are {', '.join(s)}")
+        s[k] = v
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
     device = select_device(device)
-    seed_for(settings["seed"], device)
     t0 = time.perf_counter()
-    results = exp.run(settings | {"profile": profile}, out_dir, device, progress)
-    return {"experiment": name, "profile": profile, "settings": settings, "results": results,
+    results = EXPERIMENTS[name].run(s | {"profile": profile}, out_dir, device, progress)
+    return {"experiment": name, "profile": profile, "settings": s, "results": results,
             "wall_time_s": time.perf_counter() - t0, "provenance": provenance(device)}
 
 

@@ -18,6 +18,8 @@ def test_fashion_mnist_from_data_root(fashion_train, fashion_test):
     assert fashion_train.labels.dtype == torch.int64
     assert fashion_train.class_counts().tolist() == [6000] * 10
     assert fashion_train.classes[0] == "T-shirt/top" and len(fashion_train.classes) == 10
+    spec = DATASETS["fashion-mnist"]
+    assert fashion_train.shape == spec.shape and fashion_train.num_classes == spec.num_classes
 
 
 def test_normalisation_constants_match_the_data(fashion_train):
@@ -85,6 +87,7 @@ def test_cifar10_path_reads_files_in_cifar10_format(tmp_path, monkeypatch):
     assert len(train) == 100 and len(test) == 20
     assert train.images.shape == (100, 3, 32, 32) and train.images.dtype == torch.uint8
     assert train.classes[1] == "automobile" and train.hflip and train.crop_padding == 4
+    assert train.shape == DATASETS["cifar10"].shape and train.num_classes == DATASETS["cifar10"].num_classes
     # first image of data_batch_1: 1024 red values, then green, then blue, row-major
     data, labels = arrays["data_batch_1"]
     assert torch.equal(train.images[0], torch.from_numpy(data[0].reshape(3, 32, 32)))
