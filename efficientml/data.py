@@ -118,6 +118,21 @@ class ImageDataset:
         return replace(self, images=self.images[rows], labels=self.labels[rows], indices=base[rows])
 
 
+    def select_classes(self, classes: list[int]) -> "ImageDataset":
+        """Only the examples of ``classes`` (original indices), relabelled 0..len(classes)-1 in
+        the order given; how Chapter 4 splits Fashion-MNIST into a source and a target task."""
+        classes = list(classes)
+        if not classes or len(set(classes)) != len(classes) or not all(
+                isinstance(c, int) and 0 <= c < self.num_classes for c in classes):
+            raise ValueError(f"classes must be distinct ints in 0..{self.num_classes - 1}, got {classes}")
+        new_label = torch.full((self.num_classes,), -1, dtype=torch.int64)
+        new_label[classes] = torch.arange(len(classes))
+        keep = torch.nonzero(new_label[self.labels] >= 0).squeeze(1)
+        base = self.indices if self.indices is not None else torch.arange(len(self))
+        return replace(self, images=self.images[keep], labels=new_label[self.labels[keep]],
+                       classes=[self.classes[c] for c in classes], indices=base[keep])
+
+
 def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None = None,
                  download: bool | None = None) -> ImageDataset:
     """Load one split of ``name`` (``fashion-mnist``, ``mnist`` or ``cifar10``) through torchvision.

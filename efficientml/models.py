@@ -1,7 +1,11 @@
 """Models shared by several chapters."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
+import torchvision
 from torch import nn
 
 
@@ -99,3 +103,49 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> int:
         for h in handles:
             h.remove()
     return macs
+
+
+class WeightsMissingError(FileNotFoundError):
+    """Pretrained weights are not in torch's hub cache and could not be downloaded."""
+
+
+def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+    """torchvision's ResNet-18, optionally with its ImageNet weights, adapted to the task.
+
+    weights: ``None`` (random initialisation) or ``"IMAGENET1K_V1"``, loaded through torchvision's
+        weights API: from ``$TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth`` if it is there,
+        else downloaded (unless ``$EFFICIENTML_DOWNLOAD=0``); offline and missing, a
+        ``WeightsMissingError`` says where the file goes.
+    in_channels: 3 for colour images; 1 for grey ones, where the pretrained RGB kernels of the
+        first convolution are summed over colour, which is exact for a grey image seen as R=G=B.
+    num_classes: with ImageNet weights and num_classes != 1000, the classifier ``fc`` is replaced
+        by a new, randomly initialised ``nn.Linear(512, num_classes)``.
+    Input (B, in_channels, H, W): the net downsamples by 32 in all and ends in adaptive average
+    pooling, so 28x28 Fashion-MNIST images work (layer4 sees 1x1 maps); output (B, num_classes).
+    """
+    if num_classes < 1 or in_channels not in (1, 3):
+        raise ValueError(f"need num_classes >= 1 and in_channels 1 or 3, got {num_classes}, {in_channels}")
+    if weights is None:
+        model = torchvision.models.resnet18(num_classes=num_classes)
+    else:
+        w = torchvision.models.ResNet18_Weights[weights] if isinstance(weights, str) else weights
+        file = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
+        if not file.exists() and os.environ.get("EFFICIENTML_DOWNLOAD", "1") == "0":
+            raise WeightsMissingError(f"ResNet-18 {w.name} weights are not at {file} and downloads are off "
+                                      f"(EFFICIENTML_DOWNLOAD=0); put {w.url} there (TORCH_HOME moves the folder)")
+        try:
+            model = torchvision.models.resnet18(weights=w)
+        except OSError as e:  # urllib's URLError is an OSError: no network
+            raise WeightsMissingError(f"ResNet-18 {w.name} weights are not at {file} and could not be "
+                                      f"downloaded ({e}); put {w.url} there (TORCH_HOME moves the folder)") from None
+        if num_classes != model.fc.out_features:
+            model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if in_channels == 1:
+        rgb = model.conv1
+        model.conv1 = nn.Conv2d(1, rgb.out_channels, rgb.kernel_size, rgb.stride, rgb.padding, bias=False)
+        with torch.no_grad():
+            if weights is None:  # torchvision's own initialisation of ResNet convolutions
+                nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                model.conv1.weight.copy_(rgb.weight.sum(dim=1, keepdim=True))
+    return model

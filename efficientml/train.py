@@ -56,8 +56,9 @@ class History:
     Per epoch (index e is epoch e + 1): ``train_loss`` and ``test_loss`` (mean bits per example),
     ``train_acc`` (running accuracy over the epoch's augmented batches) and ``test_acc``,
     ``lr`` (the learning rate the epoch was trained with), ``epoch_time`` (seconds, training and
-    evaluation). ``total_time`` is the sum of epoch times. ``diverged_at`` is the fractional
-    epoch at which the loss became NaN or infinite, if it did; training stopped there.
+    evaluation), ``train_time`` (seconds, training only). ``total_time`` is the sum of epoch
+    times. ``diverged_at`` is the fractional epoch at which the loss became NaN or infinite, if
+    it did; training stopped there.
     """
     iter_loss: list[float] = field(default_factory=list)
     iter_epoch: list[float] = field(default_factory=list)
@@ -67,6 +68,7 @@ class History:
     test_acc: list[float] = field(default_factory=list)
     lr: list[float] = field(default_factory=list)
     epoch_time: list[float] = field(default_factory=list)
+    train_time: list[float] = field(default_factory=list)
     diverged_at: float | None = None
 
     @property
@@ -221,6 +223,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         if history.diverged:
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
             break
+        train_time = time.perf_counter() - t0
         if sched is not None:
             sched.step()
         test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (math.nan, math.nan)
@@ -230,6 +233,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         history.test_acc.append(test_acc)
         history.lr.append(epoch_lr)
         history.epoch_time.append(time.perf_counter() - t0)
+        history.train_time.append(train_time)
         if callback is not None:
             callback(epoch + 1, model, history)
         if ckpt is not None:

@@ -25,7 +25,7 @@ def _run(small, epochs=3, seed=0, **kw):
 
 def _comparable(h: History) -> dict:
     d = h.to_dict()
-    for k in ("epoch_time", "total_time"):
+    for k in ("epoch_time", "train_time", "total_time"):
         d.pop(k)
     return d
 

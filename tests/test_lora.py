@@ -1,0 +1,291 @@
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from efficientml import experiments
+from efficientml.lora import LoRALinear, ParameterCount, add_lora, freeze, optimizer_state_bytes, parameter_count, stages
+from efficientml.models import WeightsMissingError, resnet18
+
+
+def lora(seeded_in=12, out=5, r=3, alpha=6.0, bias=True):
+    torch.manual_seed(0)
+    return LoRALinear(nn.Linear(seeded_in, out, bias=bias), r=r, alpha=alpha)
+
+
+def test_starts_equal_to_base():
+    layer = lora()
+    x = torch.randn(7, 12)
+    assert torch.equal(layer(x), layer.base(x))
+    assert layer.lora_A.shape == (3, 12) and layer.lora_B.shape == (5, 3)
+    assert torch.count_nonzero(layer.lora_B) == 0 and torch.count_nonzero(layer.lora_A) > 0
+
+
+def test_output_is_the_explicit_formula():
+    layer = lora(r=2, alpha=5.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    W, b = layer.base.weight.double(), layer.base.bias.double()
+    A, B = layer.lora_A.double(), layer.lora_B.double()
+    expected = x @ W.T + b + (5.0 / 2) * (x @ A.T @ B.T)   # W x + b + (alpha/r) B A x, row-wise
+    torch.testing.assert_close(layer.double()(x), expected)
+    torch.testing.assert_close(layer.delta_weight(), 2.5 * B @ A)
+
+
+def test_leading_dimensions_pass_through():
+    layer = lora()
+    assert layer(torch.randn(2, 3, 12)).shape == (2, 3, 5)
+
+
+def test_only_A_and_B_get_gradients():
+    layer = lora()
+    layer(torch.randn(8, 12)).square().sum().backward()
+    assert layer.base.weight.grad is None and layer.base.bias.grad is None
+    assert not layer.base.weight.requires_grad
+    assert layer.lora_B.grad is not None and layer.lora_B.grad.abs().sum() > 0
+    # B = 0 at the start, so A's gradient (B^T times the output gradient) is exactly zero, but present
+    assert layer.lora_A.grad is not None
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_training_moves_only_the_update():
+    layer = lora()
+    w0 = layer.base.weight.clone()
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x, y = torch.randn(32, 12), torch.randn(32, 5)
+    losses = []
+    for _ in range(20):
+        loss = (layer(x) - y).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert torch.equal(layer.base.weight, w0)
+
+
+def test_merge_unmerge_round_trip():
+    layer = lora()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(6, 12)
+    y = layer(x)
+    w0 = layer.base.weight.clone()
+    layer.merge()
+    assert layer.merged
+    torch.testing.assert_close(layer(x), y)
+    torch.testing.assert_close(layer.base.weight, w0 + layer.delta_weight())
+    layer.merge()  # no-op: the update is not added twice
+    torch.testing.assert_close(layer.base.weight, w0 + layer.delta_weight())
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(layer.base.weight, w0)
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_merged_forward_is_one_linear():
+    layer = lora()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    layer.merge()
+    x = torch.randn(3, 12)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.base.weight, layer.base.bias))
+
+
+def test_parameter_counts():
+    layer = lora(seeded_in=512, out=10, r=4)
+    count = parameter_count(layer)
+    assert count == ParameterCount(trainable=4 * (512 + 10), total=4 * (512 + 10) + 512 * 10 + 10)
+    assert 0 < count.fraction < 1
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5, True, 6, None])
+def test_invalid_rank(r):
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(12, 5), r=r)
+
+
+@pytest.mark.parametrize("kwargs", [dict(alpha=0), dict(alpha=-1.0), dict(alpha=float("nan")), dict(dropout=1.0)])
+def test_invalid_alpha_and_dropout(kwargs):
+    with pytest.raises(ValueError):
+        LoRALinear(nn.Linear(12, 5), r=2, **kwargs)
+
+
+def test_only_linear_layers():
+    with pytest.raises(TypeError, match="nn.Linear"):
+        LoRALinear(nn.Conv2d(3, 4, 3), r=1)
+
+
+def test_dropout_applies_to_the_update_only():
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 5), r=2, dropout=0.5)
+    layer.eval()
+    x = torch.randn(4, 12)
+    assert torch.equal(layer(x), layer.base(x))  # B = 0: dropout cannot change anything yet
+
+
+# -- freezing --------------------------------------------------------------------------------
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_resnet_stages():
+    assert stages(resnet18(10)) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+
+
+def test_freeze_up_to_a_stage():
+    net = resnet18(10)
+    count = freeze(net, up_to="layer3")
+    assert count.trainable == n_params(net.layer4) + n_params(net.fc)
+    assert count.total == n_params(net)
+    frozen = {n for n, p in net.named_parameters() if not p.requires_grad}
+    assert all(n.startswith(("conv1", "bn1", "layer1", "layer2", "layer3")) for n in frozen)
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in net.layer3.parameters())
+    assert all(p.grad is not None for p in net.layer4.parameters())
+
+
+def test_freeze_by_name():
+    net = resnet18(10)
+    count = freeze(net, ["fc", "layer4.1.conv2"])
+    assert count.trainable == n_params(net.fc) + net.layer4[1].conv2.weight.numel()
+    assert freeze(net, []).trainable == 0
+    assert freeze(net, up_to="fc").trainable == 0
+
+
+@pytest.mark.parametrize("kwargs", [dict(trainable=["layer9"]), dict(up_to="layer9"), dict(trainable=[""]),
+                                    dict(trainable=["fc"], up_to="layer3")])
+def test_freeze_rejects_unknown_names(kwargs):
+    with pytest.raises(ValueError):
+        freeze(resnet18(10), **kwargs)
+
+
+def test_freeze_keeps_lora_base_frozen():
+    net = resnet18(10)
+    add_lora(net, "fc", r=4, alpha=8)
+    count = freeze(net, up_to="layer3")
+    assert count.trainable == n_params(net.layer4) + 4 * (512 + 10)
+    assert not net.fc.base.weight.requires_grad and net.fc.lora_A.requires_grad
+
+
+def test_add_lora_nested_and_errors():
+    net = nn.Sequential(nn.Linear(8, 6), nn.Sequential(nn.ReLU(), nn.Linear(6, 4)))
+    layer = add_lora(net, "1.1", r=2)
+    assert net[1][1] is layer and isinstance(layer.base, nn.Linear)
+    with pytest.raises(ValueError):
+        add_lora(net, "2", r=1)
+    with pytest.raises(TypeError):
+        add_lora(net, "1.0", r=1)
+
+
+@pytest.mark.parametrize("name,per_param", [("sgd", 4), ("adam", 8)])
+def test_optimizer_state_bytes(name, per_param):
+    net = resnet18(10)
+    trainable = freeze(net, up_to="layer4").trainable
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if name == "sgd" else torch.optim.Adam(params)
+    assert optimizer_state_bytes(opt) == 0
+    net(torch.randn(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert optimizer_state_bytes(opt) == per_param * trainable  # fp32 momentum, or Adam's two moments
+
+
+# -- ResNet-18 and its ImageNet weights, offline ------------------------------------------------
+
+@pytest.fixture
+def imagenet_checkpoint(tmp_path, monkeypatch):
+    """A ResNet-18 state dict saved where torchvision's weights API looks for IMAGENET1K_V1."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("EFFICIENTML_DOWNLOAD", "0")
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18().state_dict()
+    folder = tmp_path / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "resnet18-f37072fd.pth")
+    return state
+
+
+def test_imagenet_weights_load_offline_through_torchvision(imagenet_checkpoint):
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    assert weights.url.endswith("resnet18-f37072fd.pth")
+    tv = torchvision.models.resnet18(weights=weights)
+    net = resnet18(weights="IMAGENET1K_V1")
+    for model in (tv, net):
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, imagenet_checkpoint[k]), k
+
+
+def test_imagenet_weights_adapted_to_grey_images_and_new_classes(imagenet_checkpoint):
+    rgb = resnet18(weights="IMAGENET1K_V1").eval()
+    grey = resnet18(num_classes=10, in_channels=1, weights="IMAGENET1K_V1").eval()
+    assert grey.fc.out_features == 10 and grey.conv1.in_channels == 1
+    assert torch.equal(grey.layer4[1].conv2.weight, imagenet_checkpoint["layer4.1.conv2.weight"])
+    x = torch.randn(2, 1, 32, 32)
+    rgb.fc, grey.fc = nn.Identity(), nn.Identity()
+    with torch.no_grad():  # a grey image is an RGB image with R = G = B
+        torch.testing.assert_close(grey(x), rgb(x.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-5)
+
+
+def test_missing_imagenet_weights_say_where_they_go(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("EFFICIENTML_DOWNLOAD", "0")
+    with pytest.raises(WeightsMissingError, match=r"hub/checkpoints/resnet18-f37072fd\.pth"):
+        resnet18(weights="IMAGENET1K_V1")
+
+
+def test_resnet_shapes_and_bad_arguments():
+    assert resnet18(5, in_channels=1)(torch.randn(2, 1, 28, 28)).shape == (2, 5)
+    with pytest.raises(ValueError):
+        resnet18(0)
+    with pytest.raises(ValueError):
+        resnet18(10, in_channels=2)
+
+
+# -- Chapter 4's models --------------------------------------------------------------------
+
+def test_transfer_models():
+    s = experiments.settings("lora", "quick")
+    backbone = resnet18(5, in_channels=1)
+    nets = {name: experiments.transfer_model(name, backbone, 5, s) for name in experiments.TRANSFER_RUNS}
+    counts = {name: parameter_count(net) for name, net in nets.items()}
+    total = n_params(backbone)
+    assert counts["pt_net"] == ParameterCount(total, total)
+    assert counts["net_freeze"].trainable == n_params(backbone.layer4) + n_params(backbone.fc)
+    assert counts["net_freeze_lora"].trainable == n_params(backbone.layer4) + s["r"] * (512 + 5)
+    assert counts["scratch"].trainable == total
+    # copies: the backbone itself is untouched, and the pretrained weights are shared by value
+    assert all(p.requires_grad for p in backbone.parameters())
+    assert torch.equal(nets["net_freeze"].layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
+    assert not torch.equal(nets["scratch"].layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
+    with pytest.raises(ValueError):
+        experiments.transfer_model("nope", backbone, 5, s)
+
+
+def test_select_classes(fashion_test):
+    half = fashion_test.select_classes([7, 2])
+    assert half.classes == ["Sneaker", "Pullover"] and half.num_classes == 2
+    assert half.class_counts().tolist() == [1000, 1000]
+    assert torch.equal(half.images[half.labels == 0], fashion_test.images[fashion_test.labels == 7])
+    assert torch.equal(fashion_test.labels[half.indices], torch.tensor([7, 2])[half.labels])
+    sub = half.subset(3, seed=0)
+    assert torch.equal(fashion_test.images[sub.indices], sub.images)
+    for bad in ([], [1, 1], [10], [-1], [1.0]):
+        with pytest.raises(ValueError):
+            fashion_test.select_classes(bad)
+
+
+def test_transfer_runs_train_and_measure_their_cost(data_dir):
+    s = experiments.settings("lora", "quick") | dict(pretrain_per_class=20, pretrain_epochs=1, n_per_class=10,
+                                                     test_per_class=10, epochs=2, runs=["net_freeze", "net_freeze_lora"])
+    out = experiments.train_transfer_runs(s, device="cpu", progress=False)
+    assert out["pretrain"].epochs == 1
+    for name, (model, hist, cost) in out["runs"].items():
+        assert hist.epochs == 2 and len(hist.train_time) == 2
+        assert cost["trainable"] == parameter_count(model).trainable < cost["total"]
+        assert cost["optimizer_state_bytes"] == cost["gradient_bytes"] == 4 * cost["trainable"]  # SGD momentum, fp32
+    lora_fc = out["runs"]["net_freeze_lora"][0].fc
+    assert isinstance(lora_fc, LoRALinear) and lora_fc.lora_B.abs().sum() > 0  # the update was trained
