@@ -1,7 +1,8 @@
 """efficientml: the companion package of the EfficientML Book.
 
 One obvious home for each idea: ``data`` (data sets and the tensor-resident loader), ``train``
-(``fit``, the one training engine), ``lora`` (freezing and LoRA), ``plots``, ``reproducibility``, ``profiles`` and ``results``
+(``fit``, the one training engine), ``models``, ``quantization``, ``pruning``, ``lora``,
+``transformer``, ``plots``, ``reproducibility``, ``profiles`` and ``results``
 (quick/full profiles, JSON results with provenance), ``experiments`` (what the CLI runs).
 """
 from .data import DataMissingError, ImageDataset, TensorLoader, data_root, load_dataset

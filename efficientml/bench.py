@@ -115,6 +115,30 @@ class _Fn(torch.nn.Module):
         return self.fn(x)
 
 
+def bench_generation(model=None, prompt_len: int = 1, n_tokens: int = 200, batch: int = 1, repeat: int = 3) -> dict:
+    """Greedy generation of ``n_tokens`` tokens by a ``LanguageModel`` (default: Chapter 6's quick
+    configuration, untrained; speed does not depend on the weights) with and without the KV
+    cache: tokens per second (best of ``repeat``) and whether both produced the same tokens."""
+    from .transformer import LanguageModel
+
+    if model is None:
+        torch.manual_seed(0)
+        model = LanguageModel(65, 128, 4, 4, 512, max_len=64)
+    model.eval()
+    prompt = torch.zeros(batch, prompt_len, dtype=torch.long, device=next(model.parameters()).device)
+    out, best = {}, {}
+    for cache in (False, True):
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out[cache] = model.generate(prompt, n_tokens, temperature=0, use_cache=cache)
+            times.append(time.perf_counter() - t0)
+        best[cache] = min(times)
+    return {"n_tokens": n_tokens, "batch": batch, "max_len": model.max_len,
+            "no_cache_tokens_per_s": batch * n_tokens / best[False], "cache_tokens_per_s": batch * n_tokens / best[True],
+            "same_tokens": bool(torch.equal(out[False], out[True]))}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m efficientml.bench", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
@@ -128,7 +152,18 @@ def main(argv=None) -> int:
     qb.add_argument("--repeat", type=int, default=200)
     pb = sub.add_parser("pruning", help="3x3 conv latency on the CPU: masked dense vs sparse CSR, by sparsity")
     pb.add_argument("--repeat", type=int, default=20)
+    gb = sub.add_parser("generation", help="language-model generation, tokens per second, with and without a KV cache")
+    gb.add_argument("--tokens", type=int, default=200)
+    gb.add_argument("--batch", type=int, default=1)
     a = p.parse_args(argv)
+    if a.what == "generation":
+        r = bench_generation(n_tokens=a.tokens, batch=a.batch)
+        print(f"LanguageModel (Chapter 6 quick size, context {r['max_len']}), greedy, {r['n_tokens']} tokens, batch "
+              f"{r['batch']}, torch threads {torch.get_num_threads()}")
+        print(f"  without KV cache {r['no_cache_tokens_per_s']:10,.0f} tokens/s")
+        print(f"  with KV cache    {r['cache_tokens_per_s']:10,.0f} tokens/s   "
+              f"({r['cache_tokens_per_s'] / r['no_cache_tokens_per_s']:.2f}x; same tokens: {r['same_tokens']})")
+        return 0
     if a.what == "pruning":
         print(f"3x3 conv 256->256 on 8x8 maps, batch 64, torch threads {torch.get_num_threads()}, median of {a.repeat}")
         for r in bench_sparse_conv(repeat=a.repeat):

@@ -241,3 +241,164 @@ class TensorLoader:
             flip = (torch.rand(b, generator=g) < 0.5).to(x.device).view(b, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
+
+
+# -- Sequences: a synthetic task for Chapter 5, Tiny Shakespeare for Chapter 6 ----------------
+
+class SequenceTask:
+    """Batches of a synthetic sequence-to-sequence task: ``copy`` or ``reverse`` a random sequence.
+
+    Tokens: 0 = padding, 1 = start (BOS), 2 = end (EOS), 3..3+n_symbols-1 = symbols. Each batch is
+    ``((src, tgt_in), tgt_out)``: src (B, length) random symbols; tgt_in (B, length + 1) = BOS and
+    the answer; tgt_out (B, length + 1) = the answer and EOS (tgt_in shifted by one). ``steps``
+    batches per epoch, drawn from ``seed`` and the epoch (``set_epoch``), so they repeat exactly.
+    """
+    PAD, BOS, EOS = 0, 1, 2
+
+    def __init__(self, task: str = "reverse", n_symbols: int = 10, length: int = 8, batch_size: int = 64,
+                 steps: int = 100, seed: int = 0, device: str | torch.device = "cpu"):
+        if task not in ("copy", "reverse"):
+            raise ValueError(f"task must be 'copy' or 'reverse', got {task!r}")
+        if n_symbols < 2 or length < 1 or batch_size < 1 or steps < 1:
+            raise ValueError("need n_symbols >= 2 and length, batch_size, steps >= 1")
+        self.task, self.n_symbols, self.length = task, n_symbols, length
+        self.batch_size, self.steps, self.seed, self.epoch = batch_size, steps, seed, 0
+        self.device = torch.device(device)
+
+    @property
+    def vocab_size(self) -> int:
+        return 3 + self.n_symbols
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def answer(self, src: torch.Tensor) -> torch.Tensor:
+        """The correct output symbols for sources (B, length)."""
+        return src.flip(1) if self.task == "reverse" else src
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        for _ in range(self.steps):
+            src = torch.randint(3, 3 + self.n_symbols, (self.batch_size, self.length), generator=g)
+            ans = self.answer(src)
+            bos = torch.full((self.batch_size, 1), self.BOS)
+            eos = torch.full((self.batch_size, 1), self.EOS)
+            yield ((src.to(self.device), torch.cat([bos, ans], 1).to(self.device)),
+                   torch.cat([ans, eos], 1).to(self.device))
+
+
+TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def load_text(name: str = "tinyshakespeare", root: str | os.PathLike | None = None,
+              download: bool | None = None) -> str:
+    """The text of Tiny Shakespeare (1,115,394 characters) from ``ROOT/tinyshakespeare/input.txt``.
+
+    Downloaded from the char-rnn repository when missing and downloads are allowed (as for
+    ``load_dataset``); otherwise a ``DataMissingError`` says where the file goes.
+    """
+    if name != "tinyshakespeare":
+        raise ValueError(f"unknown text {name!r}: only 'tinyshakespeare'")
+    path = data_root(root) / "tinyshakespeare" / "input.txt"
+    if not path.exists():
+        if download is None:
+            download = os.environ.get("EFFICIENTML_DOWNLOAD", "1") != "0"
+        if download:
+            try:
+                import urllib.request
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
+                    path.write_bytes(r.read())
+            except Exception:
+                pass
+        if not path.exists():
+            raise DataMissingError(f"tinyshakespeare: {path} was not found and could not be downloaded. Put "
+                                   f"{TINY_SHAKESPEARE_URL} there, or point EFFICIENTML_DATA (or root=) at a "
+                                   f"folder that has tinyshakespeare/input.txt.")
+    return path.read_text(encoding="utf-8")
+
+
+class CharTokenizer:
+    """Characters <-> token ids, over the sorted set of characters of a text (65 for Tiny Shakespeare)."""
+
+    def __init__(self, text: str):
+        if not isinstance(text, str) or not text:
+            raise ValueError("need a non-empty text to build a vocabulary from")
+        self.chars = sorted(set(text))
+        self.index = {c: i for i, c in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """int64 tensor (len(text),); characters outside the vocabulary raise ValueError."""
+        try:
+            return torch.tensor([self.index[c] for c in text], dtype=torch.int64)
+        except KeyError as e:
+            raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+
+def split_tokens(tokens: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation): the first 1 - val_fraction of the tokens, and the rest (no shuffling,
+    so the split is the same every time and no passage is in both)."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    n = int(len(tokens) * (1 - val_fraction))
+    return tokens[:n], tokens[n:]
+
+
+class TokenBatches:
+    """Random windows of a token sequence for next-token prediction.
+
+    Each batch is (x, y), both int64 (batch_size, block_size): x = tokens[i:i+block], y =
+    tokens[i+1:i+block+1] at random offsets i. ``steps`` batches per epoch; offsets come from
+    ``seed`` and the epoch (``set_epoch``), so an epoch always gives the same batches.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, steps: int, seed: int = 0,
+                 device: str | torch.device = "cpu"):
+        if tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise TypeError(f"tokens must be a 1-D int64 tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        if len(tokens) <= block_size:
+            raise ValueError(f"need more than block_size={block_size} tokens, got {len(tokens)}")
+        self.device = torch.device(device)
+        self.tokens = tokens.to(self.device)
+        self.block_size, self.batch_size, self.steps, self.seed, self.epoch = block_size, batch_size, steps, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        offsets = torch.arange(self.block_size + 1, device=self.device)
+        for _ in range(self.steps):
+            i = torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size, 1), generator=g)
+            window = self.tokens[i.to(self.device) + offsets]          # (B, block + 1)
+            yield window[:, :-1], window[:, 1:]
+
+
+def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
+    """H(X) in nats: the loss per token of the best model that ignores context (frequencies only)."""
+    counts = torch.bincount(tokens, minlength=vocab_size or 0).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def bigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
+    """H(X_t+1 | X_t) in nats: the loss per token of the best model that sees only the previous token."""
+    v = vocab_size or int(tokens.max()) + 1
+    counts = torch.bincount(tokens[:-1] * v + tokens[1:], minlength=v * v).double().view(v, v)
+    joint = counts / counts.sum()
+    cond = counts / counts.sum(1, keepdim=True).clamp_min(1)
+    nz = counts > 0
+    return float(-(joint[nz] * cond[nz].log()).sum())

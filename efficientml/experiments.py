@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .data import DATASETS, TensorLoader, load_dataset
+from .data import DATASETS, CharTokenizer, SequenceTask, TensorLoader, TokenBatches, load_dataset, load_text, split_tokens
 from .lora import add_lora, freeze, optimizer_state_bytes, parameter_count
 from .models import MLP, ConvNet, count_macs, count_parameters, resnet18
 from .profiles import get_profile
@@ -23,6 +23,7 @@ from .quantization import dequantized_model
 from .reproducibility import seed_everything
 from .results import provenance, result_path, write_json
 from .train import evaluate, fit, make_optimizer, select_device
+from .transformer import LanguageModel, Transformer
 
 
 @dataclass(frozen=True)
@@ -349,3 +350,90 @@ def run_lora(s: dict, out_dir: Path | None, device, progress) -> dict:
     out = train_transfer_runs(s, out_dir, device, progress)
     return {"pretrain": out["pretrain"], "runs": {name: hist for name, (_, hist, _) in out["runs"].items()},
             "cost": {name: cost for name, (_, _, cost) in out["runs"].items()}}
+
+
+# -- Chapter 5: the Transformer on a toy task --------------------------------------------------
+
+TRANSFORMER_QUICK = dict(task="reverse", n_symbols=10, length=8, batch_size=64, steps_per_epoch=100, epochs=4,
+                         d_model=64, n_heads=4, n_layers=2, d_ff=128, dropout=0.0, lr=3e-3, warmup=50,
+                         test_size=500, seed=0)
+TRANSFORMER_FULL = TRANSFORMER_QUICK | dict(length=16, steps_per_epoch=250, epochs=20, d_model=128, n_layers=3,
+                                            d_ff=512, dropout=0.1, lr=1e-3, warmup=400, test_size=2000)
+
+
+def train_sequence_transformer(s: dict, device=None, progress=None, out_dir: Path | None = None):
+    """Train an encoder-decoder ``Transformer`` on the ``s["task"]`` (copy/reverse) task with Adam and a
+    warm-up + cosine schedule; returns (model, History, test ``SequenceTask``), the test batches
+    drawn with another seed than the training ones."""
+    seed_for(s["seed"], device)
+    device = select_device(device)
+    task = SequenceTask(s["task"], s["n_symbols"], s["length"], s["batch_size"], s["steps_per_epoch"], s["seed"], device)
+    test = SequenceTask(s["task"], s["n_symbols"], s["length"], s["test_size"], 1, s["seed"] + 1, device)
+    model = Transformer(task.vocab_size, task.vocab_size, s["d_model"], s["n_heads"], s["n_layers"], s["d_ff"],
+                        s["dropout"], max_len=s["length"] + 2, pad=task.PAD)
+    hist = fit(model, task, test, epochs=s["epochs"], lr=s["lr"], optimizer="adam", weight_decay=0.0,
+               scheduler="warmup-cosine", warmup=s["warmup"], device=device,
+               checkpoint=_checkpoint(out_dir, "transformer", s), progress=progress, desc=s["task"])
+    return model, hist, test
+
+
+def sequence_accuracy(model: Transformer, test: SequenceTask) -> float:
+    """Fraction of test sources whose greedily decoded output is exactly right (every symbol and EOS)."""
+    (src, _), tgt_out = next(iter(test))
+    out = model.greedy_decode(src, test.length + 1, bos=test.BOS, eos=test.EOS)
+    return float((out[:, 1:] == tgt_out).all(1).float().mean())
+
+
+@register("transformer", "Chapter 5: an encoder-decoder Transformer trained to reverse sequences.",
+          quick=TRANSFORMER_QUICK, full=TRANSFORMER_FULL)
+def run_transformer(s: dict, out_dir: Path | None, device, progress) -> dict:
+    model, hist, test = train_sequence_transformer(s, device, progress, out_dir)
+    return {"parameters": count_parameters(model), "history": hist, "sequence_accuracy": sequence_accuracy(model, test)}
+
+
+# -- Chapter 6: a character-level language model on Tiny Shakespeare --------------------------
+
+LM_QUICK = dict(text="tinyshakespeare", val_fraction=0.1, d_model=128, n_heads=4, n_layers=4, d_ff=512, dropout=0.0,
+                block_size=64, batch_size=12, steps_per_epoch=200, epochs=10, lr=1e-3, warmup=100, weight_decay=0.1,
+                clip_grad_norm=1.0, val_batches=20, val_batch_size=64, seed=0)
+LM_FULL = LM_QUICK | dict(d_model=384, n_heads=6, n_layers=6, d_ff=1536, dropout=0.2, block_size=256, batch_size=64,
+                          steps_per_epoch=500, epochs=10, warmup=200, val_batches=50)
+
+
+def language_model_data(s: dict, device=None):
+    """(tokenizer, train tokens, validation tokens, train batches, validation batches) for settings ``s``."""
+    device = select_device(device)
+    text = load_text(s["text"])
+    tok = CharTokenizer(text)
+    train, val = split_tokens(tok.encode(text), s["val_fraction"])
+    return (tok, train, val,
+            TokenBatches(train, s["block_size"], s["batch_size"], s["steps_per_epoch"], s["seed"], device),
+            TokenBatches(val, s["block_size"], s["val_batch_size"], s["val_batches"], s["seed"] + 1, device))
+
+
+def train_language_model(s: dict, device=None, progress=None, out_dir: Path | None = None):
+    """Train a ``LanguageModel`` with AdamW, warm-up + cosine schedule and gradient clipping;
+    an "epoch" is ``steps_per_epoch`` random batches, after which the validation loss is measured
+    on the same ``val_batches`` windows every time. Returns (model, History, tokenizer, train
+    tokens, validation tokens); History losses are in bits per character."""
+    seed_for(s["seed"], device)
+    device = select_device(device)
+    tok, train, val, train_batches, val_batches = language_model_data(s, device)
+    model = LanguageModel(tok.vocab_size, s["d_model"], s["n_heads"], s["n_layers"], s["d_ff"], s["dropout"],
+                          max_len=s["block_size"])
+    hist = fit(model, train_batches, val_batches, epochs=s["epochs"], lr=s["lr"], optimizer="adamw",
+               weight_decay=s["weight_decay"], scheduler="warmup-cosine", warmup=s["warmup"],
+               clip_grad_norm=s["clip_grad_norm"], device=device, checkpoint=_checkpoint(out_dir, "language-model", s),
+               progress=progress, desc="language model")
+    return model, hist, tok, train, val
+
+
+@register("language-model", "Chapter 6: a character-level decoder-only Transformer on Tiny Shakespeare.",
+          quick=LM_QUICK, full=LM_FULL)
+def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
+    import math
+    model, hist, tok, train, val = train_language_model(s, device, progress, out_dir)
+    steps = s["steps_per_epoch"] * hist.epochs
+    return {"parameters": count_parameters(model), "history": hist,
+            "val_loss_nats": hist.test_loss[-1] * math.log(2),
+            "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time)}

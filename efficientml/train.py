@@ -5,6 +5,7 @@ log2(10) = 3.32 bits, a perfect classifier 0. Accuracies are fractions in [0, 1]
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -111,31 +112,64 @@ def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float 
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str = "none", epochs: int = 1,
-                   milestones: Iterable[int] | None = None, gamma: float = 0.1):
-    """A per-epoch learning-rate schedule: ``none``, ``multistep`` (lr *= gamma at each milestone
-    epoch) or ``cosine`` (cosine annealing from lr to 0 over ``epochs``)."""
+                   milestones: Iterable[int] | None = None, gamma: float = 0.1, warmup: int = 0,
+                   total_steps: int = 1, min_lr_ratio: float = 0.1):
+    """A learning-rate schedule: ``none``; per epoch, ``multistep`` (lr *= gamma at each milestone
+    epoch) or ``cosine`` (cosine annealing from lr to 0 over ``epochs``); per iteration,
+    ``warmup-cosine`` (linear warm-up from 0 over ``warmup`` iterations, then cosine decay to
+    ``min_lr_ratio * lr`` at ``total_steps``), as language models are trained."""
     name = name.lower()
     if name == "none":
         return None
+    if name == "warmup-cosine":
+        if not 0 <= warmup < total_steps:
+            raise ValueError(f"need 0 <= warmup < total_steps, got warmup={warmup}, total_steps={total_steps}")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+            _warmup_cosine, warmup=warmup, total=total_steps, floor=min_lr_ratio))
     if name == "multistep":
         if not milestones:
             raise ValueError("the multistep schedule needs milestones (epochs at which lr *= gamma)")
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
     if name == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    raise ValueError(f"unknown scheduler {name!r}: choose none, multistep or cosine")
+    raise ValueError(f"unknown scheduler {name!r}: choose none, multistep, cosine or warmup-cosine")
+
+
+def _warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
+    """The learning-rate factor at iteration ``step`` (0-based) of the warm-up + cosine schedule."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _to(x, device):
+    """A batch input (a tensor, or a tuple of tensors for models with several inputs) on ``device``."""
+    if isinstance(x, (tuple, list)):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def _call(model: nn.Module, x):
+    return model(*x) if isinstance(x, tuple) else model(x)
+
+
+def _flat(logits: torch.Tensor, y: torch.Tensor):
+    """Sequence outputs (B, T, V) with targets (B, T) as (B*T, V) and (B*T,): one prediction per token."""
+    return (logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) if logits.dim() > 2 else (logits, y)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
-    """(mean cross-entropy in bits per example, accuracy) of ``model`` over ``loader``."""
+    """(mean cross-entropy in bits per example, accuracy) of ``model`` over ``loader``.
+
+    For sequence models (logits (B, T, V), targets (B, T)) both are per token."""
     if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
         device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     total_loss, correct, n = torch.zeros((), dtype=torch.float64, device=device), 0, 0
     for x, y in loader:  # sums stay on the device: one synchronisation at the end, not two per batch
-        x, y = x.to(device), y.to(device)
-        logits = model(x)
+        logits, y = _flat(_call(model, _to(x, device)), y.to(device))
         total_loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         n += len(y)
@@ -151,22 +185,26 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: float = 0.1,
         optimizer: str | torch.optim.Optimizer = "sgd", momentum: float = 0.9,
         weight_decay: float = 5e-4, scheduler: str = "none", milestones: Iterable[int] | None = None,
-        gamma: float = 0.1, callback: Callable[[int, nn.Module, History], None] | None = None,
+        gamma: float = 0.1, warmup: int = 0, clip_grad_norm: float | None = None,
+        callback: Callable[[int, nn.Module, History], None] | None = None,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
         progress: bool | None = None, desc: str = "fit") -> History:
     """Train ``model`` on ``train_loader`` for ``epochs`` epochs and return its ``History``.
 
     optimizer: ``"sgd"`` (momentum and weight decay as given), ``"adam"``, ``"adamw"``, built over
         the parameters that require gradients; or a ready optimizer, used as it is.
-    scheduler: ``"none"``, ``"multistep"`` (with ``milestones`` and ``gamma``) or ``"cosine"``;
-        stepped once per epoch.
+    scheduler: ``"none"``, ``"multistep"`` (with ``milestones`` and ``gamma``) or ``"cosine"``,
+        stepped once per epoch; or ``"warmup-cosine"`` (``warmup`` iterations), stepped per iteration.
+    clip_grad_norm: if given, gradients are rescaled so that their global L2 norm is at most this.
     callback: called as ``callback(epoch, model, history)`` after each epoch (1-based) has been
         trained, evaluated and recorded; pruning schedules hook in here.
     checkpoint: a file; after every epoch the model, optimizer, scheduler, history and RNG state
         are saved there atomically, and a later call with the same file resumes after the last
         saved epoch instead of starting over.
-    Loaders are ``TensorLoader``s or any iterable of (x, y) batches; a loader's ``set_epoch`` is
-    called before each epoch when it has one. A NaN or infinite loss stops training cleanly and
+    Loaders are ``TensorLoader``s or any iterable of (x, y) batches, where x may be a tuple of
+    inputs (``model(*x)``) and the model may output sequences, logits (B, T, V) for targets (B, T),
+    whose loss and accuracy are then per token; a loader's ``set_epoch`` is called before each
+    epoch when it has one. A NaN or infinite loss stops training cleanly and
     is recorded in ``history.diverged_at``.
     """
     if not isinstance(epochs, int) or epochs < 0:
@@ -175,7 +213,8 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
     model.to(device)
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
         (p for p in model.parameters() if p.requires_grad), optimizer, lr, momentum, weight_decay)
-    sched = make_scheduler(opt, scheduler, epochs, milestones, gamma)
+    sched = make_scheduler(opt, scheduler, epochs, milestones, gamma, warmup, max(1, epochs * len(train_loader)))
+    per_iteration = scheduler == "warmup-cosine"
     history, start = History(), 0
     ckpt = Path(checkpoint) if checkpoint is not None else None
     if ckpt is not None and ckpt.exists():
@@ -205,8 +244,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         batches = tqdm(train_loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=quiet,
                        dynamic_ncols=True)
         for i, (x, y) in enumerate(batches):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            logits = model(x)
+            logits, y = _flat(_call(model, _to(x, device)), y.to(device, non_blocking=True))
             loss = F.cross_entropy(logits, y)
             value = loss.item()
             if not math.isfinite(value):
@@ -214,7 +252,11 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
                 break
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if clip_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
             opt.step()
+            if sched is not None and per_iteration:
+                sched.step()
             history.iter_loss.append(value / LN2)
             history.iter_epoch.append(epoch + (i + 1) / n_batches)
             loss_sum += value * len(y)
@@ -224,7 +266,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
             break
         train_time = time.perf_counter() - t0
-        if sched is not None:
+        if sched is not None and not per_iteration:
             sched.step()
         test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (math.nan, math.nan)
         history.train_loss.append(loss_sum / seen / LN2)

@@ -1,0 +1,273 @@
+import math
+
+import pytest
+import torch
+
+from efficientml.data import CharTokenizer, SequenceTask, TokenBatches, split_tokens
+from efficientml.train import fit
+from efficientml.transformer import (DecoderLayer, EncoderLayer, FeedForward, LanguageModel, MatmulCounter,
+                                     MultiHeadAttention, PositionalEncoding, Transformer, WordEmbedding, attention,
+                                     causal_mask, matmuls_per_inference, padding_mask, sinusoidal_encoding)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def small(per_head=False, **kw):
+    return Transformer(13, 11, d_model=32, n_heads=4, n_layers=2, d_ff=64, dropout=0.0, max_len=32,
+                       per_head=per_head, **kw).eval()
+
+
+# -- shapes through every module -----------------------------------------------------------
+
+def test_shapes():
+    x = torch.randn(3, 7, 32)
+    tokens = torch.randint(1, 13, (3, 7))
+    assert WordEmbedding(13, 32)(tokens).shape == (3, 7, 32)
+    assert PositionalEncoding(32, 16)(x).shape == (3, 7, 32)
+    mha = MultiHeadAttention(32, 4)
+    assert mha(x).shape == (3, 7, 32) and mha.weights.shape == (3, 4, 7, 7)
+    assert mha(x, context=torch.randn(3, 5, 32)).shape == (3, 7, 32) and mha.weights.shape == (3, 4, 7, 5)
+    assert FeedForward(32, 64)(x).shape == (3, 7, 32)
+    assert EncoderLayer(32, 4, 64)(x).shape == (3, 7, 32)
+    assert DecoderLayer(32, 4, 64)(x, torch.randn(3, 5, 32)).shape == (3, 7, 32)
+    model = small()
+    assert model.encode(tokens).shape == (3, 7, 32)
+    assert model(tokens, torch.randint(1, 11, (3, 4))).shape == (3, 4, 11)
+    assert LanguageModel(20, 32, 4, 2, 64, max_len=16)(torch.randint(0, 20, (2, 9))).shape == (2, 9, 20)
+
+
+def test_embedding_is_scaled_and_checks_dtype():
+    emb = WordEmbedding(10, 16)
+    tokens = torch.tensor([[1, 2]])
+    torch.testing.assert_close(emb(tokens), emb.embed(tokens) * 4.0)
+    with pytest.raises(TypeError):
+        emb(torch.tensor([[1.0, 2.0]]))
+
+
+def test_bad_configurations():
+    with pytest.raises(ValueError, match="divisible"):
+        MultiHeadAttention(30, 4)
+    with pytest.raises(ValueError, match="even"):
+        sinusoidal_encoding(10, 7)
+    with pytest.raises(ValueError, match="max_len"):
+        PositionalEncoding(8, 4)(torch.zeros(1, 5, 8))
+
+
+# -- positional encoding -------------------------------------------------------------------
+
+def test_positional_encoding_known_values():
+    pe = sinusoidal_encoding(50, 8)
+    assert torch.equal(pe[0], torch.tensor([0.0, 1.0] * 4))                 # sin 0 = 0, cos 0 = 1
+    torch.testing.assert_close(pe[1, 0], torch.tensor(math.sin(1.0)))
+    torch.testing.assert_close(pe[1, 1], torch.tensor(math.cos(1.0)))
+    torch.testing.assert_close(pe[7, 2], torch.tensor(math.sin(7 / 10000 ** (2 / 8))))
+    torch.testing.assert_close(pe[7, 7], torch.tensor(math.cos(7 / 10000 ** (6 / 8))))
+    assert pe.abs().max() <= 1.0
+    # each (sin, cos) pair has norm 1, so every row has squared norm d_model / 2
+    torch.testing.assert_close(pe.square().sum(1), torch.full((50,), 4.0))
+
+
+def test_positional_encoding_offset():
+    enc = PositionalEncoding(8, 20)
+    x = torch.zeros(1, 3, 8)
+    torch.testing.assert_close(enc(x, start=5), enc.pe[5:8].unsqueeze(0))
+
+
+# -- attention and masks -------------------------------------------------------------------
+
+def test_attention_weights_sum_to_one_and_match_formula():
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 3)
+    out, w = attention(q, k, v)
+    torch.testing.assert_close(w.sum(-1), torch.ones(2, 5))
+    expected_w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(8), dim=-1)
+    torch.testing.assert_close(w, expected_w)
+    torch.testing.assert_close(out, expected_w @ v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_masked_keys_get_zero_weight():
+    q, k, v = torch.randn(1, 4, 8), torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    _, w = attention(q, k, v, causal_mask(4))
+    assert torch.equal(w.triu(1), torch.zeros_like(w))
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 4))
+    tokens = torch.tensor([[5, 6, 0, 0]])
+    mask = padding_mask(tokens, pad=0)
+    assert mask.shape == (1, 1, 1, 4) and mask.tolist() == [[[[True, True, False, False]]]]
+    _, w = attention(q[:, None], k[:, None], v[:, None], mask)
+    assert torch.equal(w[..., 2:], torch.zeros_like(w[..., 2:]))
+
+
+def test_causal_mask_stops_the_future():
+    """Changing a later token does not change any earlier output (decoder and language model)."""
+    model = small()
+    src = torch.randint(3, 13, (2, 6))
+    tgt = torch.randint(3, 11, (2, 7))
+    changed = tgt.clone()
+    changed[:, 4] = (changed[:, 4] - 2) % 8 + 3
+    a, b = model(src, tgt), model(src, changed)
+    torch.testing.assert_close(a[:, :4], b[:, :4])
+    assert not torch.allclose(a[:, 4:], b[:, 4:])
+    lm = LanguageModel(20, 32, 4, 2, 64, max_len=16).eval()
+    x = torch.randint(0, 20, (2, 10))
+    y = x.clone()
+    y[:, 6] = (y[:, 6] + 1) % 20
+    torch.testing.assert_close(lm(x)[:, :6], lm(y)[:, :6])
+    assert not torch.allclose(lm(x)[:, 6:], lm(y)[:, 6:])
+
+
+def test_padding_in_the_source_is_ignored():
+    model = small()
+    src = torch.tensor([[4, 5, 6, 0, 0]])
+    longer = torch.tensor([[4, 5, 6, 0, 0, 0, 0]])
+    tgt = torch.tensor([[1, 7, 8]])
+    torch.testing.assert_close(model(src, tgt), model(longer, tgt))
+
+
+# -- per-head and fused computation, and the matmul count ----------------------------------
+
+def test_per_head_equals_fused():
+    a, b = small(per_head=True), small()
+    b.load_state_dict(a.state_dict())
+    src, tgt = torch.randint(1, 13, (3, 6)), torch.randint(1, 11, (3, 5))
+    src[0, 4:] = 0
+    torch.testing.assert_close(a(src, tgt), b(src, tgt))
+
+
+@pytest.mark.parametrize("n_layers, n_heads", [(1, 1), (1, 2), (2, 4), (3, 8), (6, 8)])
+def test_matmul_count_is_the_formula(n_layers, n_heads):
+    model = Transformer(20, 20, d_model=8 * n_heads, n_heads=n_heads, n_layers=n_layers, d_ff=16, per_head=True).eval()
+    src, tgt = torch.randint(1, 20, (2, 5)), torch.randint(1, 20, (2, 4))
+    with MatmulCounter() as count:
+        model(src, tgt)
+    assert count.calls == matmuls_per_inference(n_layers, n_heads) == n_layers * (15 * n_heads + 7) + 1
+    fused = Transformer(20, 20, d_model=8 * n_heads, n_heads=n_heads, n_layers=n_layers, d_ff=16).eval()
+    fused.load_state_dict(model.state_dict())
+    with MatmulCounter() as fused_count:
+        fused(src, tgt)
+    assert fused_count.calls == 22 * n_layers + 1        # 3 projections + 2 products + 1 output per attention
+    assert fused_count.macs == count.macs                 # the same arithmetic, in fewer, larger calls
+
+
+def test_counter_counts_macs_of_each_kind():
+    with MatmulCounter() as c:
+        torch.nn.functional.linear(torch.randn(5, 3), torch.randn(4, 3))   # 5 * 3 * 4
+        torch.randn(2, 6, 3) @ torch.randn(2, 3, 7)                          # 2 * 6 * 3 * 7
+        torch.bmm(torch.randn(2, 6, 3), torch.randn(2, 3, 7))
+        torch.relu(torch.randn(3))                                          # not a matmul
+    assert c.calls == 3 and c.macs == 60 + 2 * 252
+
+
+def test_generation_matmul_counts_with_and_without_cache():
+    n, h, steps = 2, 4, 5
+    model = Transformer(20, 20, d_model=32, n_heads=h, n_layers=n, d_ff=16, per_head=True).eval()
+    src = torch.randint(3, 20, (2, 6))
+    counts = {}
+    for cache in (False, True):
+        with MatmulCounter() as c:
+            model.greedy_decode(src, steps, bos=1, use_cache=cache)
+        counts[cache] = c
+    encoder, decoder = n * (5 * h + 3), n * (10 * h + 4) + 1
+    assert counts[False].calls == encoder + steps * decoder
+    # with the cache, the encoder's keys and values (2h projections per decoder layer) are computed once
+    assert counts[True].calls == encoder + decoder + (steps - 1) * (decoder - 2 * h * n)
+    assert counts[True].macs < counts[False].macs
+
+
+# -- decoding ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_greedy_decode_same_with_and_without_cache(per_head):
+    model = small(per_head=per_head)
+    src = torch.randint(3, 13, (4, 6))
+    src[1, 3:] = 0
+    a = model.greedy_decode(src, 8, bos=1, eos=2, use_cache=True)
+    b = model.greedy_decode(src, 8, bos=1, eos=2, use_cache=False)
+    assert torch.equal(a, b) and a[:, 0].eq(1).all()
+
+
+def test_language_model_cache_equals_recomputation_past_the_context():
+    lm = LanguageModel(30, 32, 4, 2, 64, max_len=12).eval()
+    prompt = torch.randint(0, 30, (2, 5))
+    a = lm.generate(prompt, 30, temperature=0, use_cache=True)     # runs past max_len: the window slides
+    b = lm.generate(prompt, 30, temperature=0, use_cache=False)
+    assert a.shape == (2, 35) and torch.equal(a, b) and torch.equal(a[:, :5], prompt)
+
+
+def test_sampling_is_seeded_and_top_k_restricts():
+    lm = LanguageModel(30, 32, 4, 2, 64, max_len=12).eval()
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    draw = lambda **kw: lm.generate(prompt, 20, generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(draw(temperature=1.0), draw(temperature=1.0))
+    assert torch.equal(draw(temperature=1.0, top_k=1), lm.generate(prompt, 20, temperature=0))
+    with pytest.raises(ValueError):
+        lm.generate(prompt, 1, temperature=-1)
+
+
+# -- training --------------------------------------------------------------------------------
+
+def test_training_reduces_the_loss_on_the_reverse_task():
+    task = SequenceTask("reverse", n_symbols=6, length=5, batch_size=32, steps=40, seed=0)
+    test = SequenceTask("reverse", n_symbols=6, length=5, batch_size=200, steps=1, seed=1)
+    model = Transformer(task.vocab_size, task.vocab_size, d_model=32, n_heads=4, n_layers=1, d_ff=64, dropout=0.0)
+    hist = fit(model, task, test, epochs=3, lr=3e-3, optimizer="adam", weight_decay=0.0, scheduler="warmup-cosine",
+               warmup=10, progress=False)
+    assert hist.test_loss[-1] < 0.5 * hist.test_loss[0] and hist.test_acc[-1] > 0.5
+
+
+def test_language_model_loss_decreases():
+    text = "to be or not to be, that is the question. " * 40
+    tok = CharTokenizer(text)
+    batches = TokenBatches(tok.encode(text), block_size=16, batch_size=8, steps=30, seed=0)
+    lm = LanguageModel(tok.vocab_size, 32, 4, 1, 64, max_len=16)
+    hist = fit(lm, batches, None, epochs=2, lr=3e-3, optimizer="adamw", weight_decay=0.0, clip_grad_norm=1.0,
+               progress=False)
+    assert hist.train_loss[-1] < hist.train_loss[0] < math.log2(tok.vocab_size) + 1
+
+
+# -- sequence data ---------------------------------------------------------------------------
+
+def test_sequence_task_batches():
+    task = SequenceTask("reverse", n_symbols=5, length=4, batch_size=3, steps=2, seed=0)
+    (src, tgt_in), tgt_out = next(iter(task))
+    assert src.shape == (3, 4) and tgt_in.shape == tgt_out.shape == (3, 5)
+    assert torch.equal(tgt_in[:, 1:], tgt_out[:, :-1]) and tgt_in[:, 0].eq(1).all() and tgt_out[:, -1].eq(2).all()
+    assert torch.equal(tgt_out[:, :-1], src.flip(1)) and src.min() >= 3 and src.max() < 8
+    assert [b[1].tolist() for b in task] == [b[1].tolist() for b in task]   # an epoch repeats
+    with pytest.raises(ValueError):
+        SequenceTask("sort")
+
+
+def test_char_tokenizer_round_trip_and_errors():
+    tok = CharTokenizer("hello, world\n")
+    assert tok.vocab_size == len(set("hello, world\n"))
+    ids = tok.encode("world, hello")
+    assert ids.dtype == torch.int64 and tok.decode(ids) == "world, hello"
+    with pytest.raises(ValueError, match="vocabulary"):
+        tok.encode("xyz")
+    with pytest.raises(ValueError):
+        CharTokenizer("")
+
+
+def test_split_is_deterministic_and_disjoint():
+    tokens = torch.arange(1000)
+    train, val = split_tokens(tokens, 0.1)
+    assert len(train) == 900 and len(val) == 100 and torch.equal(torch.cat([train, val]), tokens)
+    train2, val2 = split_tokens(tokens, 0.1)
+    assert torch.equal(train, train2) and torch.equal(val, val2)
+    with pytest.raises(ValueError):
+        split_tokens(tokens, 1.5)
+
+
+def test_token_batches_are_shifted_windows():
+    tokens = torch.arange(100)
+    batches = TokenBatches(tokens, block_size=8, batch_size=4, steps=3, seed=0)
+    for x, y in batches:
+        assert x.shape == y.shape == (4, 8)
+        assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1)
+    with pytest.raises(TypeError):
+        TokenBatches(tokens.float(), 8, 4, 3)
+    with pytest.raises(ValueError):
+        TokenBatches(tokens[:5], 8, 4, 3)
