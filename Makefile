@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 EFFICIENTML_DATA ?= $(abspath ../shared/data)
 export EFFICIENTML_DATA
 
-.PHONY: setup book test unit nbval execute bench clean
+.PHONY: setup browser book test unit nbval execute bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,12 +17,16 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	touch $@
 
-book: setup
-	$(VENV)/bin/jupyter-book build . --warningiserror --keep-going
-	$(PY) scripts/vendor_mathjax.py _build/html
+book: setup  # results page, jupyter-book build (warnings are errors), MathJax copied in
+	$(PY) scripts/build_book.py
 
-test: setup
+test: setup browser
 	$(PY) -m pytest tests book --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+
+browser:  # Debian's Chromium for tests/test_browser.py; where it cannot be installed, that test is skipped
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
+	  echo "Chromium could not be installed: the browser test will be skipped"
 
 unit: setup
 	$(PY) -m pytest tests

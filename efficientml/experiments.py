@@ -434,6 +434,9 @@ def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
     import math
     model, hist, tok, train, val = train_language_model(s, device, progress, out_dir)
     steps = s["steps_per_epoch"] * hist.epochs
-    return {"parameters": count_parameters(model), "history": hist,
+    prompt = tok.encode("\n")[None].to(next(model.parameters()).device)
+    same = torch.equal(model.generate(prompt, 200, temperature=0, use_cache=True),
+                       model.generate(prompt, 200, temperature=0, use_cache=False))
+    return {"parameters": count_parameters(model), "history": hist, "kv_cache_equal": same,
             "val_loss_nats": hist.test_loss[-1] * math.log(2),
             "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time)}

@@ -1,0 +1,193 @@
+"""Results at a glance: one page of every chapter's headline numbers, generated, never typed.
+
+Three sources, one column each:
+- **quick**: what the executed chapters computed. Each chapter's last cell calls ``record``,
+  which stores its headline numbers in the notebook's outputs (a hidden MyST-NB ``glue``
+  record); ``read_records`` reads them back from the ``.ipynb`` files.
+- **full**: the result files of real full-profile runs (``results/EXPERIMENT-full.json``),
+  read with ``results.load_result``; "not run yet" where there is none.
+- **reference**: the assignment's numbers (``reference.REFERENCE``).
+
+``python -m efficientml.glance book/results.md`` writes the page; ``make book`` runs it before
+building, so the page always shows what the stored notebooks and result files hold.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .reference import REFERENCE
+from .results import load_result
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+RECORD_PREFIX = "glance:"
+
+
+def record(experiment: str, values: dict[str, float]) -> None:
+    """Store ``values`` (headline numbers of ``experiment``, JSON-serialisable) in the running
+    notebook's outputs, invisibly, for the results page. Call it in a chapter's last cell."""
+    from myst_nb import glue
+
+    glue(RECORD_PREFIX + experiment, json.dumps(values, sort_keys=True), display=False)
+
+
+def read_records(notebook: str | Path) -> dict[str, dict]:
+    """{experiment: values} of every ``record`` stored in an executed notebook."""
+    nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+    out = {}
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name", "")
+            text = o.get("data", {}).get("application/papermill.record/text/plain")
+            if name.startswith(RECORD_PREFIX) and text is not None:
+                text = "".join(text) if isinstance(text, list) else text
+                out[name[len(RECORD_PREFIX):]] = json.loads(ast.literal_eval(text))  # glue stores repr(str)
+    return out
+
+
+def _last(series_key: str, runs_key: str = "runs") -> Callable[[dict], dict]:
+    return lambda r: {name: run[series_key][-1] for name, run in r[runs_key].items()}
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    experiment: str
+    key: str
+    fmt: str = "pct"              # pct, nats, text
+    reference: float | str | None = None
+    same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
+
+
+@dataclass(frozen=True)
+class Chapter:
+    number: int
+    title: str
+    notebook: str                 # under book/
+    data: str                     # what the quick numbers were computed on
+    rows: tuple[Row, ...]
+
+
+# How a full run's result file gives the same keys that the chapter records.
+FULL: dict[str, Callable[[dict], dict]] = {
+    "lr-sweep": _last("test_acc"),
+    "schedules": lambda r: _last("test_acc")(r) | {"multistep train": r["runs"]["multistep"]["train_acc"][-1]},
+    "quantization": lambda r: {"fp32": r["fp32"]["test_acc"], "8": r["per_tensor"]["8"]["test_acc"],
+                               "4": r["per_tensor"]["4"]["test_acc"], "2 per tensor": r["per_tensor"]["2"]["test_acc"],
+                               "2 per channel": r["per_channel"]["2"]["test_acc"]},
+    "pruning": _last("test_acc"),
+    "lora": _last("test_acc"),
+    "transformer": lambda r: {"sequence_accuracy": r["sequence_accuracy"]},
+    "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")},
+}
+
+_R = REFERENCE
+CHAPTERS: tuple[Chapter, ...] = (
+    Chapter(1, "Learning rates and schedules", "01_learning_rates", "Fashion-MNIST subset, half-width ConvNet", (
+        *(Row(f"lr {lr}: test accuracy after 5 epochs", "lr-sweep", lr, reference=_R["lr-sweep"]["test_acc"][lr])
+          for lr in ("0.0001", "0.1", "1.0")),
+        Row("MultiStepLR: final test accuracy", "schedules", "multistep", reference=_R["schedules"]["test_acc"]["multistep"]),
+        Row("CosineAnnealingLR: final test accuracy", "schedules", "cosine", reference=_R["schedules"]["test_acc"]["cosine"]),
+        Row("MultiStepLR: final train accuracy", "schedules", "multistep train",
+            reference=_R["schedules"]["train_acc"]["multistep"]))),
+    Chapter(2, "Quantization", "02_quantization", "Fashion-MNIST, MLP", (
+        Row("fp32 MLP: test accuracy", "quantization", "fp32", reference=_R["mlp-quantization"]["test_acc"]["fp32"]),
+        Row("8-bit weights (per tensor): test accuracy", "quantization", "8",
+            reference=_R["mlp-quantization"]["test_acc"]["8-bit"]),
+        Row("4-bit weights (per tensor): test accuracy", "quantization", "4",
+            reference=_R["mlp-quantization"]["test_acc"]["4-bit"]),
+        Row("2-bit weights, per tensor: test accuracy", "quantization", "2 per tensor"),
+        Row("2-bit weights, per output channel: test accuracy", "quantization", "2 per channel"))),
+    Chapter(3, "Pruning", "03_pruning", "Fashion-MNIST subset, half-width ConvNet", (
+        Row("baseline (unpruned): final test accuracy", "pruning", "baseline",
+            reference=_R["schedules"]["test_acc"]["multistep"]),
+        Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
+        Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"))),
+    Chapter(4, "Transfer learning and LoRA", "04_lora", "Fashion-MNIST halves, substitute pretrained ResNet-18", (
+        Row("pt_net (all layers trained): test accuracy after 8 epochs", "lora", "pt_net"),
+        Row("net_freeze (up to layer3 frozen)", "lora", "net_freeze"),
+        Row("net_freeze_lora (frozen + LoRA classifier)", "lora", "net_freeze_lora"),
+        Row("scratch (no pretraining)", "lora", "scratch"))),
+    Chapter(5, "The Transformer from scratch", "05_transformer", "reverse task, 8 random symbols", (
+        Row("matmuls per inference counted = N(15h+7)+1 for every (N, h) tried", "transformer", "matmul_formula_holds",
+            fmt="text", reference="N(15h+7)+1", same_in_every_profile=True),
+        Row("reverse task: sequences exactly right", "transformer", "sequence_accuracy"))),
+    Chapter(6, "A small language model", "06_language_model", "Tiny Shakespeare, 0.8M-parameter model", (
+        Row("validation loss (nats per character)", "language-model", "val_loss_nats", fmt="nats",
+            reference="below 2.0"),
+        Row("unigram entropy of the text (nats)", "language-model", "unigram_nats", fmt="nats", reference="about 3.31",
+            same_in_every_profile=True),
+        Row("bigram conditional entropy (nats)", "language-model", "bigram_nats", fmt="nats", reference="about 2.45",
+            same_in_every_profile=True),
+        Row("greedy generation identical with and without KV cache", "language-model", "kv_cache_equal", fmt="text"))),
+)
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if fmt == "pct":
+        return f"{100 * value:.1f}%"
+    if fmt == "nats":
+        return f"{value:.3f}"
+    return "yes" if value is True else "no" if value is False else str(value)
+
+
+def build_page(book_dir: str | Path | None = None, results_dir: str | Path | None = None) -> str:
+    """The Markdown of the results page, from the notebooks in ``book_dir`` and the result files
+    in ``results_dir`` (defaults: the repository's ``book/`` and ``results/``)."""
+    book_dir = Path(book_dir) if book_dir is not None else REPO_ROOT / "book"
+    lines = ["# Results at a glance", "",
+             "Every chapter's headline numbers on one page. This page is generated by code "
+             "(`python -m efficientml.glance`, run by `make book`) from three sources, and nothing on it is "
+             "typed by hand:", "",
+             "- **quick**: computed by the executed chapters (the quick profile, 2 CPU cores), read from the "
+             "outputs stored in their notebooks, which CI re-executes and checks with nbval;",
+             "- **full**: read from the result files that real full-profile runs wrote "
+             "(`results/EXPERIMENT-full.json`); *not run yet* where no such run has been made;",
+             "- **reference**: the assignment's numbers, measured on CIFAR-10 or MNIST on a GPU: a guide for the "
+             "full profile, not a target for the quick one.", ""]
+    for ch in CHAPTERS:
+        quick = read_records(book_dir / f"{ch.notebook}.ipynb")
+        full = {}
+        for exp in {row.experiment for row in ch.rows}:
+            result = load_result(exp, "full", results_dir)
+            full[exp] = None if result is None else FULL[exp](result["results"])
+        lines += [f"## {ch.number}. {ch.title}", "",
+                  f"Chapter: [{ch.title}]({ch.notebook}.ipynb). Quick numbers on {ch.data}.", "",
+                  "| result | quick | full | reference |", "|---|---|---|---|"]
+        for row in ch.rows:
+            if row.key not in quick.get(row.experiment, {}):
+                raise KeyError(f"{ch.notebook}.ipynb records no {row.experiment!r} value {row.key!r}: "
+                               f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
+            q = quick[row.experiment][row.key]
+            f = full[row.experiment]
+            if row.same_in_every_profile:
+                f_text = "(the same in every profile)"
+            elif f is None:
+                f_text = "*not run yet*"
+            else:
+                f_text = _fmt(f.get(row.key), row.fmt) or "(not in the result file)"
+            lines.append(f"| {row.label} | {_fmt(q, row.fmt)} | {f_text} | {_fmt(row.reference, row.fmt) or '—'} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    out = Path(argv[0]) if argv else REPO_ROOT / "book" / "results.md"
+    page = build_page()
+    out.write_text(page + "\n", encoding="utf-8")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""A local Sphinx extension for the book (``_config.yml``: ``sphinx.local_extensions``).
+
+sphinx-thebe's configuration script is registered twice by this Jupyter Book / Sphinx
+combination, so every page declared ``const THEBE_JS_URL`` twice and the browser reported a
+SyntaxError (caught by tests/test_browser.py). Drop repeated script entries from each page.
+"""
+
+
+def _drop_duplicate_scripts(app, pagename, templatename, context, doctree):
+    seen, kept = set(), []
+    for js in context.get("script_files", []):
+        attributes = getattr(js, "attributes", {}) or {}
+        key = (getattr(js, "filename", js) or "", str(attributes.get("body", "")))  # inline: None or ""
+        if key not in seen:
+            seen.add(key)
+            kept.append(js)
+    context["script_files"] = kept
+
+
+def setup(app):
+    app.connect("html-page-context", _drop_duplicate_scripts, priority=900)
+    return {"parallel_read_safe": True, "parallel_write_safe": True}

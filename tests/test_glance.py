@@ -1,0 +1,70 @@
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from efficientml.glance import CHAPTERS, FULL, build_page, read_records
+from efficientml.train import History
+
+BOOK = Path(__file__).resolve().parent.parent / "book"
+
+
+def test_every_chapter_records_every_headline_number():
+    for ch in CHAPTERS:
+        records = read_records(BOOK / f"{ch.notebook}.ipynb")
+        for row in ch.rows:
+            assert row.key in records.get(row.experiment, {}), (ch.notebook, row.experiment, row.key)
+
+
+def test_page_shows_the_recorded_quick_numbers_and_no_full_runs(tmp_path):
+    page = build_page(results_dir=tmp_path)   # an empty results folder: no full run made
+    lora = read_records(BOOK / "04_lora.ipynb")["lora"]
+    assert f"| pt_net (all layers trained): test accuracy after 8 epochs | {100 * lora['pt_net']:.1f}% | *not run yet* |" in page
+    lm = read_records(BOOK / "06_language_model.ipynb")["language-model"]
+    assert f"{lm['val_loss_nats']:.3f}" in page
+    table_rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
+    assert sum("*not run yet*" in line for line in table_rows) == sum(
+        1 for ch in CHAPTERS for row in ch.rows if not row.same_in_every_profile)
+    for ch in CHAPTERS:
+        assert f"## {ch.number}. {ch.title}" in page and f"]({ch.notebook}.ipynb)" in page
+
+
+def test_page_reads_full_results_from_result_files(tmp_path):
+    """A result file in the format run_experiment writes (here for a tiny, made-up run) fills the full column."""
+    hist = History(train_acc=[0.5, 0.6], test_acc=[0.7, 0.8125])
+    payload = {"experiment": "pruning", "profile": "full", "settings": {},
+               "results": {"runs": {name: hist.to_dict() for name in ("baseline", "structured", "unstructured")}}}
+    (tmp_path / "pruning-full.json").write_text(json.dumps(payload))
+    page = build_page(results_dir=tmp_path)
+    assert "| baseline (unpruned): final test accuracy |" in page
+    row = next(line for line in page.splitlines() if line.startswith("| structured, 50% of filters"))
+    assert row.split("|")[3].strip() == "81.2%"
+
+
+def test_full_extractors_match_the_recorded_keys():
+    """Every key a chapter records can also be read from a full result of that experiment."""
+    for ch in CHAPTERS:
+        for row in ch.rows:
+            assert row.experiment in FULL
+
+
+def test_missing_record_is_a_clear_error(tmp_path):
+    book = tmp_path / "book"
+    shutil.copytree(BOOK, book, ignore=shutil.ignore_patterns("*.md"))
+    nb = nbformat.read(book / "04_lora.ipynb", 4)
+    nb.cells = nb.cells[:-1]   # drop the record cell
+    nbformat.write(nb, book / "04_lora.ipynb")
+    with pytest.raises(KeyError, match="re-execute"):
+        build_page(book_dir=book, results_dir=tmp_path)
+
+
+def test_repository_url_for_launch_buttons():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_book", BOOK.parent / "scripts" / "build_book.py")
+    build_book = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_book)
+    for url in ("https://github.com/a-b/c.d", "https://github.com/a-b/c.d.git", "git@github.com:a-b/c.d.git"):
+        assert build_book.repository_url(url) == "https://github.com/a-b/c.d"
+    assert build_book.repository_url("https://gitlab.example.org/x/y") is None
