@@ -75,6 +75,15 @@ def causal_mask(t: int, device=None) -> torch.Tensor:
     return torch.ones(t, t, dtype=torch.bool, device=device).tril()
 
 
+def _cached_causal_mask(t: int, cache: dict | None, device=None) -> torch.Tensor:
+    """(t, past + t): t new positions see every cached (past) position and the new ones up to themselves."""
+    mask = causal_mask(t, device)
+    if cache:
+        past = cache["k"].shape[2]
+        mask = torch.cat([torch.ones(t, past, dtype=torch.bool, device=device), mask], dim=1)
+    return mask
+
+
 def padding_mask(tokens: torch.Tensor, pad: int) -> torch.Tensor:
     """(B, 1, 1, T) bool, False at padding tokens: no query attends to a padding key."""
     return (tokens != pad)[:, None, None, :]
@@ -246,7 +255,10 @@ class Transformer(nn.Module):
         """tgt (B, T) at positions start..start+T-1 -> logits (B, T, tgt_vocab). With ``caches``
         (one dict per decoder layer), earlier positions come from the caches."""
         t = tgt.shape[1]
-        mask = padding_mask(tgt, self.pad) & causal_mask(t, tgt.device) if caches is None else None
+        if caches is None:
+            mask = padding_mask(tgt, self.pad) & causal_mask(t, tgt.device)
+        else:
+            mask = _cached_causal_mask(t, caches[0].get("self"), tgt.device)
         x = self.pos(self.tgt_embed(tgt), start)
         for i, layer in enumerate(self.decoder):
             x = layer(x, memory, mask, padding_mask(src, self.pad), None if caches is None else caches[i])
@@ -306,12 +318,7 @@ class LanguageModel(nn.Module):
         self.out = nn.Linear(d_model, vocab_size)
 
     def forward(self, tokens: torch.Tensor, start: int = 0, caches: list[dict] | None = None) -> torch.Tensor:
-        t = tokens.shape[1]
-        # with caches, the new tokens see every cached position and the earlier new ones
-        mask = causal_mask(t, tokens.device)
-        if caches is not None and caches[0]:
-            past = caches[0]["k"].shape[2]
-            mask = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), mask], dim=1)
+        mask = _cached_causal_mask(tokens.shape[1], None if caches is None else caches[0], tokens.device)
         x = self.pos(self.embed(tokens), start)
         for i, layer in enumerate(self.layers):
             x = layer(x, mask, None if caches is None else caches[i])

@@ -49,7 +49,7 @@ class Chromium:
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={user_data_dir}",
              f"--window-size={width},{height}", "--remote-debugging-port=0", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = user_data_dir / "DevToolsActivePort"
         deadline = time.time() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -95,11 +95,14 @@ class Chromium:
             self.ws.close()
         except Exception:
             pass
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        import signal
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # the whole process group: browser, zygote, renderers
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(10)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
 
 
 @pytest.fixture(scope="module")
@@ -123,10 +126,11 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def browser():
-    with tempfile.TemporaryDirectory() as profile:
-        chrome = Chromium(Path(profile))
-        yield chrome
-        chrome.close()
+    profile = Path(tempfile.mkdtemp(prefix="chromium-profile-"))
+    chrome = Chromium(profile)
+    yield chrome
+    chrome.close()
+    shutil.rmtree(profile, ignore_errors=True)  # a late-exiting helper process may still write there
 
 
 CHECKS = """(async () => {

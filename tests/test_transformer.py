@@ -271,3 +271,18 @@ def test_token_batches_are_shifted_windows():
         TokenBatches(tokens.float(), 8, 4, 3)
     with pytest.raises(ValueError):
         TokenBatches(tokens[:5], 8, 4, 3)
+
+
+def test_decoder_with_a_cache_equals_the_full_pass_for_several_new_tokens():
+    model = small()
+    src, tgt = torch.randint(3, 13, (2, 6)), torch.randint(3, 11, (2, 7))
+    memory = model.encode(src)
+    full = model.decode(tgt, memory, src)
+    caches = [{} for _ in model.decoder]
+    first = model.decode(tgt[:, :4], memory, src, start=0, caches=caches)
+    rest = model.decode(tgt[:, 4:], memory, src, start=4, caches=caches)   # three new tokens at once
+    torch.testing.assert_close(torch.cat([first, rest], 1), full)
+    lm = LanguageModel(20, 32, 4, 2, 64, max_len=16).eval()
+    x = torch.randint(0, 20, (2, 10))
+    caches = [{} for _ in lm.layers]
+    torch.testing.assert_close(torch.cat([lm(x[:, :6], caches=caches), lm(x[:, 6:], start=6, caches=caches)], 1), lm(x))
