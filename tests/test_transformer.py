@@ -286,3 +286,11 @@ def test_decoder_with_a_cache_equals_the_full_pass_for_several_new_tokens():
     x = torch.randint(0, 20, (2, 10))
     caches = [{} for _ in lm.layers]
     torch.testing.assert_close(torch.cat([lm(x[:, :6], caches=caches), lm(x[:, 6:], start=6, caches=caches)], 1), lm(x))
+
+
+def test_generation_benchmark_reports_equal_tokens():
+    from efficientml.bench import bench_generation, main
+    lm = LanguageModel(30, 32, 4, 1, 64, max_len=16)
+    r = bench_generation(lm, n_tokens=40, batch=2, repeat=1)
+    assert r["same_tokens"] and r["cache_tokens_per_s"] > 0 and r["no_cache_tokens_per_s"] > 0
+    assert main(["generation", "--tokens", "20"]) == 0
