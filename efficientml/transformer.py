@@ -108,8 +108,8 @@ class MultiHeadAttention(nn.Module):
 
     Weights: ``w_q``, ``w_k``, ``w_v``, ``w_o``, each (d_model x d_model) with bias; head i uses rows
     i*d_k..(i+1)*d_k of ``w_q``, ``w_k``, ``w_v``. forward(x (B, T_q, d), context (B, T_k, d) or None
-    for self-attention, mask) -> (B, T_q, d); the last weights are kept in ``self.weights``
-    (B, h, T_q, T_k).
+    for self-attention, mask) -> (B, T_q, d); the last weights are kept, detached, in
+    ``self.weights`` (B, h, T_q, T_k).
 
     cache: a dict carried across generation steps. In self-attention the new positions' keys
     and values are appended to it; in cross-attention (context given) the context's keys and
@@ -148,10 +148,10 @@ class MultiHeadAttention(nn.Module):
         if self.per_head:
             heads = [attention(q[:, i], k[:, i], v[:, i], None if mask is None else _head_mask(mask, i))
                      for i in range(self.n_heads)]
-            out = torch.stack([o for o, _ in heads], dim=1)
-            self.weights = torch.stack([w for _, w in heads], dim=1)
+            out, weights = torch.stack([o for o, _ in heads], dim=1), torch.stack([w for _, w in heads], dim=1)
         else:
-            out, self.weights = attention(q, k, v, mask)                  # (B, h, T_q, d_k)
+            out, weights = attention(q, k, v, mask)                       # (B, h, T_q, d_k)
+        self.weights = weights.detach()                                   # for plots; holds no graph
         return self.w_o(out.transpose(1, 2).reshape(b, t, self.d_model))
 
 
