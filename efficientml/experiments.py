@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,19 +52,27 @@ def seed_for(seed: int, device) -> None:
     seed_everything(seed, threads=None if gpu else 2, deterministic=not gpu)
 
 
-def train_loaders(s: dict, device) -> tuple[TensorLoader, TensorLoader, object]:
-    """Train/test loaders for settings with ``dataset``, ``n_per_class`` (None: all), ``batch_size``,
-    ``augment`` and ``seed``; ``device`` None means the best available."""
+def train_loaders(s: dict, device, classes: list[int] | None = None, n_per_class: int | None = None):
+    """Train/test loaders for settings with ``dataset``, ``n_per_class`` (None: all),
+    ``test_per_class``, ``batch_size``, ``augment`` and ``seed``; returns (train loader, test
+    loader, training ImageDataset). ``classes``: only those classes, relabelled 0..k-1 (see
+    ``class_split``); ``n_per_class`` overrides ``s["n_per_class"]``. ``device`` None means the
+    best available."""
     device = select_device(device)
-    train = load_dataset(s["dataset"], train=True)
-    if s.get("n_per_class"):
-        train = train.subset(s["n_per_class"], seed=s["seed"])
-    test = load_dataset(s["dataset"], train=False)
-    if s.get("test_per_class"):
-        test = test.subset(s["test_per_class"], seed=s["seed"])
+    train = class_split(s, classes, True, n_per_class or s.get("n_per_class"))
+    test = class_split(s, classes, False, s.get("test_per_class"))
     return (TensorLoader(train, s["batch_size"], shuffle=True, augment=s.get("augment", False),
                          device=device, seed=s["seed"]),
             TensorLoader(test, 1000, device=device), train)
+
+
+def class_split(s: dict, classes: list[int] | None, train: bool, n_per_class: int | None):
+    """One split of ``s["dataset"]`` restricted to ``classes`` (None: all), relabelled 0..k-1,
+    then a class-balanced subset of ``n_per_class`` (None: all of it)."""
+    ds = load_dataset(s["dataset"], train=train)
+    if classes is not None:
+        ds = ds.select_classes(classes)
+    return ds.subset(n_per_class, seed=s["seed"]) if n_per_class else ds
 
 
 MLP_QUICK = dict(dataset="fashion-mnist", n_per_class=None, test_per_class=None, hidden=[256, 128],
@@ -245,15 +254,6 @@ def run_pruning(s: dict, out_dir: Path | None, device, progress) -> dict:
 
 # -- Chapter 4: transfer learning and LoRA -----------------------------------------------------
 
-def class_split(s: dict, classes: list[int] | None, train: bool, n_per_class: int | None):
-    """One split of ``s["dataset"]`` restricted to ``classes`` (None: all), relabelled 0..k-1,
-    then a class-balanced subset of ``n_per_class`` (None: all of it)."""
-    ds = load_dataset(s["dataset"], train=train)
-    if classes is not None:
-        ds = ds.select_classes(classes)
-    return ds.subset(n_per_class, seed=s["seed"]) if n_per_class else ds
-
-
 def pretrained_backbone(s: dict, device=None, progress=None, out_dir: Path | None = None):
     """The pretrained ResNet-18 that Chapter 4 transfers; returns (model, History or None).
 
@@ -268,13 +268,9 @@ def pretrained_backbone(s: dict, device=None, progress=None, out_dir: Path | Non
     if s["backbone"] != "pretrain":
         raise ValueError(f"backbone must be 'imagenet' or 'pretrain', got {s['backbone']!r}")
     seed_for(s["seed"], device)
-    device = select_device(device)
-    train = class_split(s, s["source_classes"], True, s["pretrain_per_class"])
-    test = class_split(s, s["source_classes"], False, s["test_per_class"])
+    train_loader, test_loader, train = train_loaders(s, device, s["source_classes"], s["pretrain_per_class"])
     model = resnet18(train.num_classes, in_channels)
-    hist = fit(model, TensorLoader(train, s["batch_size"], shuffle=True, augment=s["augment"], device=device,
-                                   seed=s["seed"]),
-               TensorLoader(test, 1000, device=device), epochs=s["pretrain_epochs"], lr=s["pretrain_lr"],
+    hist = fit(model, train_loader, test_loader, epochs=s["pretrain_epochs"], lr=s["pretrain_lr"],
                momentum=s["momentum"], weight_decay=s["weight_decay"], scheduler="cosine", device=device,
                checkpoint=_checkpoint(out_dir, "lora-pretrain", s), progress=progress, desc="pretrain")
     return model, hist
@@ -312,17 +308,14 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
     if backbone is None:
         backbone, pre_hist = pretrained_backbone(s, device, progress, out_dir)
     device = select_device(device)
-    train = class_split(s, s["target_classes"], True, s["n_per_class"])
-    test = class_split(s, s["target_classes"], False, s["test_per_class"])
+    train_loader, test_loader, train = train_loaders(s, device, s["target_classes"])
     runs = {}
     for name in s["runs"]:
         seed_for(s["seed"], device)  # every run: the same new classifier, the same batches
         model = transfer_model(name, backbone, train.num_classes, s)
         opt = make_optimizer((p for p in model.parameters() if p.requires_grad), "sgd", s["lr"], s["momentum"],
                              s["weight_decay"])
-        hist = fit(model, TensorLoader(train, s["batch_size"], shuffle=True, augment=s["augment"], device=device,
-                                       seed=s["seed"]),
-                   TensorLoader(test, 1000, device=device), epochs=s["epochs"], optimizer=opt, scheduler="cosine",
+        hist = fit(model, train_loader, test_loader, epochs=s["epochs"], optimizer=opt, scheduler="cosine",
                    device=device, checkpoint=_checkpoint(out_dir, f"lora-{name}", s), progress=progress, desc=name)
         count = parameter_count(model)
         runs[name] = (model, hist, {"trainable": count.trainable, "total": count.total,
@@ -431,7 +424,6 @@ def train_language_model(s: dict, device=None, progress=None, out_dir: Path | No
 @register("language-model", "Chapter 6: a character-level decoder-only Transformer on Tiny Shakespeare.",
           quick=LM_QUICK, full=LM_FULL)
 def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
-    import math
     model, hist, tok, train, val = train_language_model(s, device, progress, out_dir)
     steps = s["steps_per_epoch"] * hist.epochs
     prompt = tok.encode("\n")[None].to(next(model.parameters()).device)
