@@ -1,7 +1,12 @@
-"""The book's standard figures: smoothed training loss and accuracy against epochs."""
+"""The book's standard figures: smoothed training loss and accuracy against epochs.
+
+Every ``runs`` argument is one ``History``, a mapping ``{label: History}``, or a mapping
+``{label: [History, ...]}`` of the same run over several seeds, drawn as the mean with a shaded
+band from the lowest to the highest seed.
+"""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -28,38 +33,66 @@ def moving_average(x, window: int) -> np.ndarray:
     return (c[window:] - c[:-window]) / window
 
 
-def _runs(runs: History | Mapping[str, History]) -> Mapping[str, History]:
-    return {"": runs} if isinstance(runs, History) else runs
+Runs = History | Mapping[str, History] | Mapping[str, Sequence[History]]
 
 
-def plot_loss(runs: History | Mapping[str, History], window: int = 50, ax=None, title: str | None = None):
+def _runs(runs: Runs) -> Mapping[str, list[History]]:
+    """{label: [History, ...]} (one History per seed) from any accepted form of ``runs``."""
+    if isinstance(runs, History):
+        runs = {"": runs}
+    out = {}
+    for label, h in runs.items():
+        seeds = [h] if isinstance(h, History) else list(h)
+        if not seeds or not all(isinstance(x, History) for x in seeds):
+            raise TypeError(f"run {label!r} must be a History or a non-empty list of Histories")
+        out[label] = seeds
+    return out
+
+
+def _band(ax, x, ys: list, label: str, **kw):
+    """The mean of the equally long series ``ys`` as a line; their min..max as a band if several."""
+    n = min(len(y) for y in ys)
+    a = np.array([np.asarray(y[:n], dtype=float) for y in ys])
+    x = np.asarray(x)[len(x) - n:] if len(x) >= n else np.arange(n)
+    line, = ax.plot(x, a.mean(0), label=label or None, **kw)
+    if len(ys) > 1:
+        ax.fill_between(x, a.min(0), a.max(0), color=line.get_color(), alpha=0.2, lw=0)
+    return line
+
+
+def plot_loss(runs: Runs, window: int = 50, ax=None, title: str | None = None):
     """Per-iteration training loss (bits), smoothed by ``moving_average``, against fractional epochs.
 
     The smoothed value at an iteration is the mean of the ``window`` iterations ending there.
+    With several seeds, the line is the mean of the seeds' smoothed losses, the band their range.
     """
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-    for label, h in _runs(runs).items():
-        if not h.iter_loss:
+    for label, hs in _runs(runs).items():
+        hs = [h for h in hs if h.iter_loss]
+        if not hs:
             continue
-        y = moving_average(h.iter_loss, window)
-        ax.plot(h.iter_epoch[len(h.iter_epoch) - len(y):], y, label=label or None)
-        if h.diverged:
-            ax.axvline(h.diverged_at, color="red", ls=":", lw=1)
+        ys = [moving_average(h.iter_loss, window) for h in hs]
+        _band(ax, hs[0].iter_epoch, ys, label)
+        for h in hs:
+            if h.diverged:
+                ax.axvline(h.diverged_at, color="red", ls=":", lw=1)
     ax.set(xlabel="epoch", ylabel="training loss (bits)", title=title)
     if any(_runs(runs)):
         ax.legend()
     return ax
 
 
-def plot_accuracy(runs: History | Mapping[str, History], split: str = "test", ax=None,
+def plot_accuracy(runs: Runs, split: str = "test", ax=None,
                   title: str | None = None):
-    """Accuracy (%) after each epoch, for the ``test`` or ``train`` split, one line per run."""
+    """Accuracy (%) after each epoch, for the ``test`` or ``train`` split, one line per run
+    (with several seeds: their mean, and a band from the lowest to the highest)."""
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-    for label, h in _runs(runs).items():
-        acc = np.asarray(getattr(h, f"{split}_acc")) * 100
-        ax.plot(np.arange(1, len(acc) + 1), acc, marker="o", ms=3, label=label or None)
+    for label, hs in _runs(runs).items():
+        accs = [np.asarray(getattr(h, f"{split}_acc")) * 100 for h in hs]
+        n = min(len(a) for a in accs)
+        _band(ax, np.arange(1, n + 1), accs, label, marker="o", ms=3)
     ax.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if any(_runs(runs)):
@@ -67,11 +100,14 @@ def plot_accuracy(runs: History | Mapping[str, History], split: str = "test", ax
     return ax
 
 
-def plot_lr(runs: History | Mapping[str, History], ax=None, title: str | None = None):
-    """The learning rate each epoch was trained with, one step line per run."""
+def plot_lr(runs: Runs, ax=None, title: str | None = None):
+    """The learning rate each epoch was trained with, one step line per run: epoch k (1-based)
+    trains from x = k - 1 to x = k, so a change of rate shows where it happens, at an epoch's
+    start. (Seeds share a schedule: the first seed's is drawn.)"""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-    for label, h in _runs(runs).items():
-        ax.step(np.arange(1, len(h.lr) + 1), h.lr, where="mid", marker="o", ms=3, label=label or None)
+    for label, hs in _runs(runs).items():
+        lr = list(hs[0].lr)
+        ax.step(np.arange(len(lr) + 1), lr + lr[-1:], where="post", label=label or None)
     ax.set(xlabel="epoch", ylabel="learning rate", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if any(_runs(runs)):
@@ -79,7 +115,7 @@ def plot_lr(runs: History | Mapping[str, History], ax=None, title: str | None = 
     return ax
 
 
-def plot_history(runs: History | Mapping[str, History], window: int = 50, title: str | None = None):
+def plot_history(runs: Runs, window: int = 50, title: str | None = None):
     """The standard two-panel figure: smoothed training loss and test accuracy against epochs."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5), layout="constrained")
     plot_loss(runs, window, ax=a)
@@ -87,6 +123,11 @@ def plot_history(runs: History | Mapping[str, History], window: int = 50, title:
     if title:
         fig.suptitle(title)
     return fig
+
+
+def pct(x: float, digits: int = 1) -> str:
+    """A fraction as a percentage, e.g. ``pct(0.6987) == '69.9%'``."""
+    return f"{100 * x:.{digits}f}%"
 
 
 def seconds(t: float) -> str:

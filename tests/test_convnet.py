@@ -80,17 +80,26 @@ def test_cosine_schedule_values():
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-def test_lr_01_beats_lr_00001_after_one_short_epoch(fashion_train, fashion_test):
-    train, test = fashion_train.subset(60, seed=0), fashion_test.subset(30, seed=0)
-    acc = {}
+def test_lr_01_beats_lr_00001_over_seeds(fashion_train, fashion_test):
+    """Chapter 1's first claim, small: after 3 short epochs (1,000 images) lr 0.1 is ahead of
+    lr 1e-4 on every one of 3 seeds. Other CPU kernels move lr 0.1's test accuracy here by up to
+    10 points (seen with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=SSE4_2),
+    so the margins asserted are far wider than that and far narrower than the effect (about
+    30 points of accuracy and 1.8 bits of loss): lr 1e-4 barely leaves the uniform guess's 3.32
+    bits."""
+    test = fashion_test.subset(50, seed=0)
+    acc, loss = {}, {}
     for lr in (0.0001, 0.1):
-        seed_everything(0)
-        net = ConvNet(1, 10, width=0.25)
-        h = fit(net, TensorLoader(train, 32, shuffle=True, seed=0), TensorLoader(test, 300),
-                epochs=1, lr=lr, device="cpu", progress=False)
-        acc[lr] = (h.test_acc[-1], h.train_loss[-1])
-    assert acc[0.1][0] > acc[0.0001][0] + 0.1
-    assert acc[0.1][1] < acc[0.0001][1]
+        for seed in (0, 1, 2):
+            seed_everything(seed)
+            net = ConvNet(1, 10, width=0.25)
+            h = fit(net, TensorLoader(fashion_train.subset(100, seed=seed), 32, shuffle=True, seed=seed),
+                    TensorLoader(test, 500), epochs=3, lr=lr, device="cpu", progress=False)
+            acc[lr, seed], loss[lr, seed] = h.test_acc[-1], h.train_loss[-1]
+    for seed in (0, 1, 2):
+        assert acc[0.1, seed] > acc[0.0001, seed] + 0.15, acc
+        assert loss[0.1, seed] < loss[0.0001, seed] - 1.0, loss
+        assert loss[0.0001, seed] > 3.0, loss   # hardly moved from log2(10) = 3.32 bits
 
 
 def test_lr_sweep_result_file_has_what_the_chapter_reads(tmp_path, data_dir):

@@ -1,0 +1,14 @@
+"""Experiments the CLI can run without a notebook: ``python -m efficientml run NAME``.
+
+``core`` holds the registry, ``run``/``run_experiment`` and what every chapter shares; one module
+per chapter holds its experiments: ``learning_rates`` (1), ``quantization`` (2), ``pruning`` (3),
+``transfer`` (4), ``transformer`` (5), ``language_model`` (6). Importing this package registers
+them all.
+"""
+from .core import EXPERIMENTS, Experiment, class_split, register, run, run_experiment, seed_for, settings, train_loaders
+from .learning_rates import CONVNET_FULL, CONVNET_QUICK, convnet_size, train_convnet
+from .quantization import MLP_FULL, MLP_QUICK, quantization_sweep, train_mlp
+from .pruning import PRUNING_FULL, PRUNING_QUICK, train_pruning_runs
+from .transfer import LORA_FULL, LORA_QUICK, TRANSFER_RUNS, pretrained_backbone, train_transfer_runs, transfer_model
+from .transformer import TRANSFORMER_FULL, TRANSFORMER_QUICK, sequence_accuracy, train_sequence_transformer
+from .language_model import LM_FULL, LM_QUICK, language_model_data, train_language_model

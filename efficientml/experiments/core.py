@@ -1,0 +1,111 @@
+"""Experiments the CLI can run without a notebook: ``python -m efficientml run NAME``.
+
+Each experiment has settings for the ``quick`` and ``full`` profiles and a function that runs
+it and returns its results; ``run_experiment`` adds provenance and writes the JSON result.
+This module holds the registry and what every chapter shares (seeding, loaders, ``run``);
+each chapter's experiments live in their own module beside it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..data import TensorLoader, load_dataset
+from ..profiles import get_profile
+from ..reproducibility import seed_everything
+from ..results import provenance, result_path, write_json
+from ..train import select_device
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    settings: dict[str, dict]          # profile -> settings
+    run: Callable[..., dict]           # run(settings, out_dir, device, progress) -> results
+
+
+EXPERIMENTS: dict[str, Experiment] = {}
+
+
+def register(name: str, description: str, quick: dict, full: dict):
+    def wrap(fn):
+        EXPERIMENTS[name] = Experiment(name, description, {"quick": quick, "full": full}, fn)
+        return fn
+    return wrap
+
+
+def seed_for(seed: int, device) -> None:
+    """Seed a run: on the CPU with 2 threads and deterministic kernels (repeatable, as CI checks);
+    on a GPU with cuDNN's fastest kernels (full-profile runs, where speed matters more)."""
+    gpu = select_device(device).type == "cuda"
+    seed_everything(seed, threads=None if gpu else 2, deterministic=not gpu)
+
+
+def train_loaders(s: dict, device, classes: list[int] | None = None, n_per_class: int | None = None):
+    """Train/test loaders for settings with ``dataset``, ``n_per_class`` (None: all),
+    ``test_per_class``, ``batch_size``, ``augment`` and ``seed``; returns (train loader, test
+    loader, training ImageDataset). ``classes``: only those classes, relabelled 0..k-1 (see
+    ``class_split``); ``n_per_class`` overrides ``s["n_per_class"]``. ``device`` None means the
+    best available."""
+    device = select_device(device)
+    train = class_split(s, classes, True, n_per_class or s.get("n_per_class"))
+    test = class_split(s, classes, False, s.get("test_per_class"))
+    return (TensorLoader(train, s["batch_size"], shuffle=True, augment=s.get("augment", False),
+                         device=device, seed=s["seed"]),
+            TensorLoader(test, 1000, device=device), train)
+
+
+def class_split(s: dict, classes: list[int] | None, train: bool, n_per_class: int | None):
+    """One split of ``s["dataset"]`` restricted to ``classes`` (None: all), relabelled 0..k-1,
+    then a class-balanced subset of ``n_per_class`` (None: all of it)."""
+    ds = load_dataset(s["dataset"], train=train)
+    if classes is not None:
+        ds = ds.select_classes(classes)
+    return ds.subset(n_per_class, seed=s["seed"]) if n_per_class else ds
+
+
+def _checkpoint(out_dir: Path | None, stem: str, s: dict) -> Path | None:
+    return None if out_dir is None else out_dir / f"{stem}-{s['profile']}.ckpt.pt"
+
+
+def settings(name: str, profile: str | None = None) -> dict:
+    """A copy of experiment ``name``'s settings under ``profile`` (default: ``get_profile()``)."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}: choose one of {', '.join(sorted(EXPERIMENTS))}")
+    profile = get_profile(profile)
+    return dict(EXPERIMENTS[name].settings[profile]) | {"profile": profile}
+
+
+def run(name: str, profile: str | None = None, overrides: dict | None = None, out_dir: str | Path | None = None,
+        device=None, progress: bool | None = None) -> dict:
+    """Run experiment ``name`` under ``profile`` (default ``$EFFICIENTML_PROFILE`` or quick).
+
+    Returns ``{"experiment", "profile", "settings", "results", "wall_time_s", "provenance"}``;
+    results hold ``History`` objects where the experiment trained something.
+    overrides: settings to change (keys must exist). out_dir: where per-epoch checkpoints go
+    (None: no checkpoints); an interrupted run resumes from them when started again.
+    """
+    s = settings(name, profile)  # each experiment's training helpers seed before building a model
+    profile = s.pop("profile")
+    for k, v in (overrides or {}).items():
+        if k not in s:
+            raise ValueError(f"{name} has no setting {k!r}; its settings are {', '.join(s)}")
+        s[k] = v
+    if out_dir is not None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+    device = select_device(device)
+    t0 = time.perf_counter()
+    results = EXPERIMENTS[name].run(s | {"profile": profile}, out_dir, device, progress)
+    return {"experiment": name, "profile": profile, "settings": s, "results": results,
+            "wall_time_s": time.perf_counter() - t0, "provenance": provenance(device)}
+
+
+def run_experiment(name: str, profile: str | None = None, out_dir: str | Path = "results",
+                   overrides: dict | None = None, device=None, progress: bool | None = None) -> Path:
+    """``run`` the experiment with checkpoints in ``out_dir`` and write ``OUT_DIR/NAME-PROFILE.json``."""
+    payload = run(name, profile, overrides, out_dir, device, progress)
+    return write_json(result_path(out_dir, name, payload["profile"]), payload)
+
