@@ -133,6 +133,17 @@ def dequantize(q: QuantizedArray):
 
 # -- whole models ------------------------------------------------------------------------------
 
+def zero_code_fraction(q: QuantizedArray) -> float:
+    """Fraction of ``q``'s values whose code is the zero point, i.e. that dequantize to exactly 0."""
+    zp = q.zero_point
+    if q.axis is not None:
+        shape = [1] * q.codes.ndim
+        shape[q.axis] = -1
+        zp = zp.reshape(shape)
+    hits = q.codes == zp
+    return float(hits.float().mean()) if isinstance(hits, torch.Tensor) else float(hits.mean())
+
+
 def quantize_state_dict(model: nn.Module, bits: int = 8, per_channel: bool = False) -> dict[str, QuantizedArray]:
     """Every floating-point parameter and buffer of ``model``, quantized to ``bits`` bits.
 

@@ -69,3 +69,13 @@ def test_repository_url_for_launch_buttons():
     for url in ("https://github.com/a-b/c.d", "https://github.com/a-b/c.d.git", "git@github.com:a-b/c.d.git"):
         assert build_book.repository_url(url) == "https://github.com/a-b/c.d"
     assert build_book.repository_url("https://gitlab.example.org/x/y") is None
+
+
+def test_full_results_over_seeds_show_the_mean(tmp_path):
+    """A result file with one History per seed (Chapters 1, 3, 4) fills the full column with the mean."""
+    runs = [History(train_acc=[0.9], test_acc=[a]).to_dict() for a in (0.80, 0.82, 0.84)]
+    payload = {"experiment": "lr-sweep", "profile": "full", "settings": {},
+               "results": {"runs": {lr: runs for lr in ("0.0001", "0.1", "1.0")}}}
+    (tmp_path / "lr-sweep-full.json").write_text(json.dumps(payload))
+    row = next(line for line in build_page(results_dir=tmp_path).splitlines() if line.startswith("| lr 0.1:"))
+    assert row.split("|")[4].strip() == "82.0%"

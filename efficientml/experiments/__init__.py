@@ -7,7 +7,8 @@ them all.
 """
 from .core import EXPERIMENTS, Experiment, class_split, register, run, run_experiment, seed_for, settings, train_loaders
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, convnet_size, train_convnet
-from .quantization import MLP_FULL, MLP_QUICK, quantization_sweep, train_mlp
+from .quantization import (MLP_FULL, MLP_QUICK, bits_table, change_spread, plot_sweep, quantization_over_seeds,
+                           quantization_sweep, reference_table, sweep_spread, sweep_table, train_mlp)
 from .pruning import PRUNING_FULL, PRUNING_QUICK, train_pruning_runs
 from .transfer import LORA_FULL, LORA_QUICK, TRANSFER_RUNS, pretrained_backbone, train_transfer_runs, transfer_model
 from .transformer import TRANSFORMER_FULL, TRANSFORMER_QUICK, sequence_accuracy, train_sequence_transformer

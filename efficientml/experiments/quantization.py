@@ -6,7 +6,9 @@ from pathlib import Path
 import torch
 
 from ..models import MLP, count_parameters
+from ..plots import markdown_table
 from ..quantization import dequantized_model
+from ..seeds import SEEDS, Spread, spread
 from ..train import evaluate, fit
 from .core import _checkpoint, register, seed_for, train_loaders
 
@@ -49,9 +51,102 @@ def quantization_sweep(model, test_loader, bits: list[int]) -> dict:
                for mode in ("per_tensor", "per_channel")}}
 
 
-@register("quantization", "Chapter 2.2: an MLP's parameters quantized to 8..2 bits, per tensor and per channel.",
-          quick=MLP_QUICK | dict(bits=[8, 7, 6, 5, 4, 3, 2]), full=MLP_FULL | dict(bits=[8, 7, 6, 5, 4, 3, 2]))
-def run_quantization(s: dict, out_dir: Path | None, device, progress) -> dict:
-    model, hist, test_loader = train_mlp(s, out_dir, device, progress, tag="quantization-mlp")
-    return {"parameters": count_parameters(model), "history": hist} | quantization_sweep(model, test_loader, s["bits"])
+def quantization_over_seeds(s: dict, out_dir: Path | None = None, device=None, progress=None):
+    """Train the MLP once per seed in ``s["seeds"]`` and sweep each (``quantization_sweep``).
+    Returns (models, Histories, sweeps), one of each per seed, and the test loader."""
+    models, hists, sweeps = [], [], []
+    for seed in s["seeds"]:
+        model, hist, test_loader = train_mlp(s | {"seed": seed}, out_dir, device, progress,
+                                             tag=f"quantization-mlp-seed{seed}")
+        models.append(model)
+        hists.append(hist)
+        sweeps.append(quantization_sweep(model, test_loader, s["bits"]))
+    return models, hists, sweeps, test_loader
 
+
+def sweep_spread(sweeps: list[dict], key: str = "test_acc") -> dict:
+    """The ``Spread`` over seeds of ``key`` at every entry of a list of ``quantization_sweep``
+    results: ``{"fp32": Spread, "per_tensor": {"8": Spread, ...}, "per_channel": {...}}``."""
+    return {"fp32": spread(w["fp32"][key] for w in sweeps),
+            **{mode: {b: spread(w[mode][b][key] for w in sweeps) for b in sweeps[0][mode]}
+               for mode in ("per_tensor", "per_channel")}}
+
+
+def change_spread(sweeps: list[dict], mode: str, bits: str, key: str = "test_acc") -> Spread:
+    """The ``Spread`` over seeds of each seed's change from fp32 after quantizing to ``bits``
+    (paired: the same seed's model before and after)."""
+    return spread(w[mode][bits][key] - w["fp32"][key] for w in sweeps)
+
+
+@register("quantization", "Chapter 2.2: an MLP's parameters quantized to 8..2 bits, per tensor and per channel, "
+          "over several seeds.",
+          quick=MLP_QUICK | dict(bits=[8, 7, 6, 5, 4, 3, 2], seeds=list(SEEDS)),
+          full=MLP_FULL | dict(bits=[8, 7, 6, 5, 4, 3, 2], seeds=list(SEEDS)))
+def run_quantization(s: dict, out_dir: Path | None, device, progress) -> dict:
+    models, hists, sweeps, _ = quantization_over_seeds(s, out_dir, device, progress)
+    mean = {"fp32": {"test_acc": spread(w["fp32"]["test_acc"] for w in sweeps).mean},
+            **{mode: {b: {"test_acc": sp.mean} for b, sp in sweep_spread(sweeps)[mode].items()}
+               for mode in ("per_tensor", "per_channel")}}
+    return {"parameters": count_parameters(models[0]), "histories": hists, "sweeps": sweeps} | mean
+
+
+
+def sweep_table(sweeps: list[dict], bits: list[str]) -> str:
+    """Markdown table of fp32 and ``bits`` (per tensor) over seeds: test accuracy, its change from
+    fp32 (paired by seed) and test loss, each as mean ± standard deviation."""
+    acc, loss = sweep_spread(sweeps), sweep_spread(sweeps, "test_loss")
+    rows = [["fp32", "32", acc["fp32"].pct(2), "", loss["fp32"].fmt(4)]]
+    for b in bits:
+        change = change_spread(sweeps, "per_tensor", b)
+        rows.append([f"{b}-bit, per tensor", b, acc["per_tensor"][b].pct(2),
+                     f"{100 * change.mean:+.2f} ± {100 * change.std:.2f}", loss["per_tensor"][b].fmt(4)])
+    return markdown_table(rows, ["model", "bits per parameter", "test accuracy", "change (points)",
+                                 "test loss (bits)"])
+
+
+def bits_table(sweeps: list[dict]) -> str:
+    """Markdown table: test accuracy (mean ± std over seeds) at every bit width, per tensor and per
+    output channel."""
+    acc = sweep_spread(sweeps)
+    return markdown_table([[b, acc["per_tensor"][b].pct(2), acc["per_channel"][b].pct(2)]
+                           for b in acc["per_tensor"]], ["bits", "per tensor", "per channel"])
+
+
+def plot_sweep(sweeps: list[dict], ax=None):
+    """Test accuracy against bits per parameter, per tensor and per output channel: the mean over
+    seeds as a line, the lowest..highest seed as a band, fp32's mean as a dashed line."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6.5, 3.8))[1]
+    acc = sweep_spread(sweeps)
+    bits = [int(b) for b in acc["per_tensor"]]
+    for mode, label in [("per_tensor", "per tensor"), ("per_channel", "per output channel")]:
+        sp = [acc[mode][str(b)] for b in bits]
+        line, = ax.plot(bits, [100 * x.mean for x in sp], marker="o", label=label)
+        ax.fill_between(bits, [100 * x.min for x in sp], [100 * x.max for x in sp], color=line.get_color(),
+                        alpha=0.2, lw=0)
+    ax.axhline(100 * acc["fp32"].mean, color="gray", ls="--", lw=1, label="fp32")
+    ax.set(xlabel="bits per parameter", ylabel="test accuracy (%)",
+           title=f"accuracy after quantizing every parameter ({len(sweeps)} seeds)")
+    ax.invert_xaxis()
+    ax.legend()
+    return ax
+
+
+def reference_table(sweeps: list[dict], reference: dict, full: dict | None) -> str:
+    """The chapter's results beside the assignment's reference and a full run's result file (or
+    "not run yet"): fp32, 8-bit and 4-bit per tensor, with each change from fp32 in points."""
+    acc, ref = sweep_spread(sweeps), reference["test_acc"]
+
+    def full_acc(bits):
+        if full is None:
+            return "not run yet"
+        r = full["results"]["fp32"] if bits is None else full["results"]["per_tensor"][bits]
+        return f"{100 * r['test_acc']:.2f}%"
+
+    rows = [["fp32", f"{100 * ref['fp32']:.2f}%", acc["fp32"].pct(2), full_acc(None)]]
+    for b in ("8", "4"):
+        ch = change_spread(sweeps, "per_tensor", b)
+        rows.append([f"{b}-bit (change)", f"{100 * ref[f'{b}-bit']:.2f}% ({100 * (ref[f'{b}-bit'] - ref['fp32']):+.2f})",
+                     f"{acc['per_tensor'][b].pct(2)} ({100 * ch.mean:+.2f})", full_acc(b)])
+    return markdown_table(rows, ["MLP", f"reference ({reference['dataset']}, GPU)",
+                                 f"quick (Fashion-MNIST, CPU, {len(sweeps)} seeds)", "full"])
