@@ -102,13 +102,43 @@ def test_lr_01_beats_lr_00001_over_seeds(fashion_train, fashion_test):
         assert loss[0.0001, seed] > 3.0, loss   # hardly moved from log2(10) = 3.32 bits
 
 
+def test_chapter1_experiments_run_every_seed():
+    from efficientml.seeds import SEEDS
+    for name in ("lr-sweep", "schedules"):
+        for profile in ("quick", "full"):
+            s = EXPERIMENTS[name].settings[profile]
+            assert s["seeds"] == list(SEEDS) and "seed" not in s, (name, profile)
+
+
 def test_lr_sweep_result_file_has_what_the_chapter_reads(tmp_path, data_dir):
     from efficientml.experiments import run_experiment
+    from efficientml.experiments.learning_rates import full_run, record_values
     from efficientml.results import load_result
-    run_experiment("lr-sweep", "quick", tmp_path, {"lrs": [0.1], "epochs": 1, "n_per_class": 10,
+    run_experiment("lr-sweep", "quick", tmp_path, {"lrs": [0.1], "epochs": 1, "n_per_class": 10, "seeds": [0, 1],
                                                    "test_per_class": 10, "width": 0.25}, "cpu", False)
     r = load_result("lr-sweep", "quick", tmp_path)
     assert r["results"]["parameters"] == count_parameters(ConvNet(1, 10, 0.25))
-    h = r["results"]["runs"]["0.1"]
-    assert len(h["test_acc"]) == 1 and len(h["train_acc"]) == 1 and h["diverged"] is False
-    assert (tmp_path / "lr-sweep-lr0.1-quick.ckpt.pt").exists()
+    hs = r["results"]["runs"]["0.1"]
+    assert len(hs) == 2, "one History per seed"
+    for h in hs:
+        assert len(h["test_acc"]) == 1 and len(h["train_acc"]) == 1 and h["diverged"] is False
+    assert hs[0]["iter_loss"] != hs[1]["iter_loss"], "each seed is its own run"
+    for seed in (0, 1):
+        assert (tmp_path / f"lr-sweep-lr0.1-seed{seed}-quick.ckpt.pt").exists()
+    # the chapter's summary of a full run's file: a Spread over the seeds of each quantity
+    (tmp_path / "lr-sweep-full.json").write_text((tmp_path / "lr-sweep-quick.json").read_text())
+    summary = full_run("lr-sweep", tmp_path)["0.1"]
+    assert summary["test acc"].values == tuple(h["test_acc"][-1] for h in hs)
+    assert summary["best test acc"].n == 2
+    values = record_values({"0.1": summary})
+    assert values["mean"]["0.1"]["train loss"] == pytest.approx(sum(h["train_loss"][-1] for h in hs) / 2)
+    assert values["std"]["0.1"]["test acc"] == summary["test acc"].std
+
+
+def test_lr_sweep_same_seed_same_run(data_dir):
+    """Each seeded run is repeatable: the same seed gives the same History."""
+    from efficientml.experiments import run
+    kw = {"lrs": [0.1], "epochs": 1, "n_per_class": 10, "test_per_class": 10, "width": 0.25, "seeds": [1]}
+    a, b = (run("lr-sweep", "quick", kw, device="cpu", progress=False)["results"]["runs"]["0.1"][0]
+            for _ in range(2))
+    assert a.iter_loss == b.iter_loss and a.test_acc == b.test_acc
