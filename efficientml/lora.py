@@ -30,8 +30,11 @@ class LoRALinear(nn.Module):
 
     base: the ``nn.Linear`` to adapt; its weight (out x in) and bias are frozen in place.
     r: the rank, an int with 1 <= r <= min(in_features, out_features).
-    alpha: the scale numerator (> 0); the update is multiplied by ``scaling = alpha / r``, so
-        changing r does not change the update's initial size much (the paper's convention).
+    alpha: the scale numerator (> 0); the update is multiplied by ``scaling = alpha / r`` (the
+        paper's convention, tuned there for small r; it does not keep the update's size fixed
+        as r grows: with A's entries of a fixed size, B A x grows like sqrt(r), so alpha / r
+        shrinks large-rank updates, which rank-stabilised LoRA, Kalajdzievski 2023, corrects
+        with alpha / sqrt(r)).
     dropout: probability of dropping inputs of the LoRA branch only (0 disables it).
     Parameters: ``lora_A`` (r x in), initialised like an ``nn.Linear`` weight (Kaiming uniform),
     and ``lora_B`` (out x r), initialised to zero. Input (..., in); output (..., out).
@@ -172,3 +175,39 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     training costs in memory beyond the weights and their gradients. Zero before the first step."""
     return sum(t.numel() * t.element_size() for state in optimizer.state.values()
                for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+
+
+def _storages(tensors) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def gradient_bytes(model: nn.Module) -> int:
+    """Bytes held in the ``.grad`` tensors of ``model``'s parameters (after a backward pass;
+    parameters without a gradient, frozen ones, hold none)."""
+    return sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+
+
+def saved_activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
+    """Bytes of the tensors that autograd saves for the backward pass in one forward call
+    ``model(*inputs)``, measured with ``torch.autograd.graph.saved_tensors_hooks``: the memory
+    that training holds between the forward and the backward pass besides the weights.
+
+    Each distinct storage counts once, in full (a tensor saved by two operations, or a view of
+    it, is held once); the model's own parameters and buffers (which autograd also saves, e.g. a
+    convolution's weight) are not counted, as they are in memory anyway. Operations whose inputs
+    need no gradient (frozen layers before the first trainable one) record nothing. The count
+    depends on shapes, dtypes and which parameters train, not on values.
+    """
+    own = _storages(list(model.parameters()) + list(model.buffers()))
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        s = t.untyped_storage()
+        if s.data_ptr() not in own:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(*inputs)
+    del out
+    return sum(seen.values())

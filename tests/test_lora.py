@@ -6,7 +6,8 @@ import torchvision
 from torch import nn
 
 from efficientml import experiments
-from efficientml.lora import LoRALinear, ParameterCount, add_lora, freeze, optimizer_state_bytes, parameter_count, stages
+from efficientml.lora import (LoRALinear, ParameterCount, add_lora, freeze, gradient_bytes, optimizer_state_bytes,
+                              parameter_count, saved_activation_bytes, stages)
 from efficientml.models import WeightsMissingError, resnet18
 
 
@@ -279,13 +280,60 @@ def test_select_classes(fashion_test):
 
 
 def test_transfer_runs_train_and_measure_their_cost(data_dir):
-    s = experiments.settings("lora", "quick") | dict(pretrain_per_class=20, pretrain_epochs=1, n_per_class=10,
-                                                     test_per_class=10, epochs=2, runs=["net_freeze", "net_freeze_lora"])
+    s = experiments.settings("lora", "quick") | dict(pretrain_per_class=20, pretrain_epochs=1, n_per_class=4,
+                                                     test_per_class=10, epochs=2, seeds=[0, 1], probe=True,
+                                                     runs=["net_freeze", "net_freeze_lora"])
     out = experiments.train_transfer_runs(s, device="cpu", progress=False)
     assert out["pretrain"].epochs == 1
-    for name, (model, hist, cost) in out["runs"].items():
-        assert hist.epochs == 2 and len(hist.train_time) == 2
+    assert set(out["runs"]) == {"net_freeze", "net_freeze_lora"}
+    for name, hists in out["runs"].items():
+        assert len(hists) == 2 and all(h.epochs == 2 and len(h.train_time) == 2 for h in hists)
+        cost, model = out["cost"][name], out["models"][name]
         assert cost["trainable"] == parameter_count(model).trainable < cost["total"]
         assert cost["optimizer_state_bytes"] == cost["gradient_bytes"] == 4 * cost["trainable"]  # SGD momentum, fp32
-    lora_fc = out["runs"]["net_freeze_lora"][0].fc
+        assert cost["saved_activation_bytes"] > 0
+    # the LoRA classifier saves one more tensor than the plain one: A x (batch x r floats), for B's gradient
+    extra = out["cost"]["net_freeze_lora"]["saved_activation_bytes"] - out["cost"]["net_freeze"]["saved_activation_bytes"]
+    assert extra == 4 * s["batch_size"] * s["r"]
+    lora_fc = out["models"]["net_freeze_lora"].fc
     assert isinstance(lora_fc, LoRALinear) and lora_fc.lora_B.abs().sum() > 0  # the update was trained
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in out["probe"].values())
+
+
+# -- memory measured from the tensors -----------------------------------------------------------
+
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_saved_activation_bytes_hand_count():
+    net, x = tiny(), torch.randn(5, 4)
+    # Linear 1 saves its input x (5 x 4 floats); ReLU saves its output (5 x 3), which Linear 2
+    # saves as its input too: held once. Weights (saved for the input gradients) are not counted.
+    assert saved_activation_bytes(net, x) == 4 * (5 * 4 + 5 * 3)
+    net[0].requires_grad_(False)  # frozen first layer: nothing before Linear 2 records a graph
+    assert saved_activation_bytes(net, x) == 4 * 5 * 3
+    net.requires_grad_(False)
+    assert saved_activation_bytes(net, x) == 0
+
+
+def test_saved_activation_bytes_depend_on_shapes_not_values():
+    net = resnet18(5, in_channels=1).train()
+    counts = {}
+    for up_to in ("bn1", "layer2", "layer3", "layer4"):
+        freeze(net, up_to=up_to)
+        counts[up_to] = [saved_activation_bytes(net, x) for x in
+                         (torch.zeros(8, 1, 28, 28), torch.randn(8, 1, 28, 28), 7 * torch.rand(8, 1, 28, 28))]
+    assert all(len(set(c)) == 1 for c in counts.values()), counts
+    firsts = [c[0] for c in counts.values()]
+    assert firsts == sorted(firsts, reverse=True) and firsts[-1] > 0  # freezing more saves less
+    assert saved_activation_bytes(net, torch.zeros(16, 1, 28, 28)) == 2 * counts["layer4"][0]  # linear in batch
+
+
+def test_gradient_bytes_from_the_grad_tensors():
+    net = tiny()
+    assert gradient_bytes(net) == 0  # before any backward pass
+    net[0].requires_grad_(False)
+    net(torch.randn(5, 4)).sum().backward()
+    assert gradient_bytes(net) == 4 * (3 * 2 + 2)
