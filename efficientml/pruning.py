@@ -3,8 +3,11 @@
 A ``SparseConv2d`` keeps its raw ``weight`` as a parameter and a ``mask`` of zeros and ones as a
 buffer; its effective weight is ``mask * weight``. Masked entries are therefore exactly zero in
 every forward pass, and autograd gives their raw weights zero gradient (d(mask * w)/dw = mask), so
-training cannot bring them back. (Weight decay still shrinks a masked raw weight; its value is
-never used.) Pruning only ever sets mask entries to 0, so what was pruned stays pruned.
+training cannot bring them back. The optimizer still moves a masked RAW weight: SGD's weight decay
+shrinks it and its momentum buffer, filled before it was pruned, keeps pushing it; but its value
+is never used (the effective weight ``mask * weight`` stays exactly 0, and pruning ranks pruned
+entries first whatever their raw value). Pruning only ever sets mask entries to 0, so what was
+pruned stays pruned.
 
 Importance is magnitude: the L1 norm (sum of ABSOLUTE weights) of a filter for structured
 pruning, |w| for unstructured pruning, as in ``torch.nn.utils.prune.ln_structured(n=1, dim=0)``
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import ConvNet
+from .train import evaluate
 
 GRANULARITIES = ("filter", "weight")
 
@@ -151,9 +155,15 @@ class PruningSchedule:
 
     The assignment's schedule is start=10, every=10, stop=50, step=0.1: 10% after epoch 10, ...,
     50% after epoch 50. ``log`` records (epoch, {layer: sparsity}) at each pruning.
+
+    ``fit`` evaluates the model before calling back, so its ``test_acc`` of a pruning epoch is the
+    accuracy *before* that pruning. With ``evaluate_on`` (a test loader) the schedule also
+    evaluates right *after* each pruning, before any retraining, and appends that accuracy to
+    ``acc_after`` (one entry per ``log`` entry). Evaluation changes nothing in training.
     """
 
-    def __init__(self, kind: str, start: int, every: int, stop: int, step: float = 0.1):
+    def __init__(self, kind: str, start: int, every: int, stop: int, step: float = 0.1,
+                 evaluate_on=None):
         if kind not in ("structured", "unstructured"):
             raise ValueError(f"kind must be 'structured' or 'unstructured', got {kind!r}")
         if not 1 <= start <= stop or every < 1:
@@ -161,6 +171,8 @@ class PruningSchedule:
         self.prune = filter_l1_pruning if kind == "structured" else unstructured_pruning
         self.kind, self.start, self.every, self.stop, self.step = kind, start, every, stop, step
         self.log: list[tuple[int, dict[str, float]]] = []
+        self.evaluate_on = evaluate_on
+        self.acc_after: list[float] = []
 
     @property
     def epochs(self) -> list[int]:
@@ -175,6 +187,8 @@ class PruningSchedule:
     def __call__(self, epoch: int, model: nn.Module, history) -> None:
         if epoch in self.epochs:
             self.log.append((epoch, self.prune(model, self.target(epoch))))
+            if self.evaluate_on is not None:
+                self.acc_after.append(evaluate(model, self.evaluate_on)[1])
 
 
 @torch.no_grad()

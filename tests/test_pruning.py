@@ -3,7 +3,7 @@ import torch
 import torch.nn.utils.prune as tprune
 from torch import nn
 
-from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, fit, seed_everything
+from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, evaluate, fit, seed_everything
 from efficientml.experiments import EXPERIMENTS
 from efficientml.pruning import (PruningSchedule, SparseConv2d, SparseConvNet, compact, conv_as_matmul,
                                  filter_l1_pruning, sparse_layers, unstructured_pruning)
@@ -134,6 +134,47 @@ def test_schedule_reaches_each_sparsity_at_its_epoch(tiny):
             assert seen[epoch][name] == pytest.approx(round(target * m.out_channels) / m.out_channels)
     assert all(s == 0.5 for s in seen[6].values())
     assert net.classifier.weight.ne(0).all()  # the final linear layer is never pruned
+
+
+def test_schedule_measures_accuracy_right_after_pruning_without_changing_training(tiny):
+    train, test = tiny
+    results = []
+    for evaluate_on in (None, TensorLoader(test, 100)):
+        seed_everything(0)
+        net = SparseConvNet(1, 10, 0.25, "weight")
+        sched = PruningSchedule("unstructured", start=1, every=1, stop=2, step=0.3, evaluate_on=evaluate_on)
+        seen = []
+        def callback(epoch, model, h):
+            sched(epoch, model, h)
+            if epoch in sched.epochs:  # what the schedule measured is the pruned model, before retraining
+                seen.append(evaluate(model, TensorLoader(test, 100))[1])
+        h = fit(net, TensorLoader(train, 50, shuffle=True, augment=True), TensorLoader(test, 100), epochs=3,
+                lr=0.1, callback=callback, device="cpu", progress=False)
+        results.append((h.iter_loss, h.test_acc, seen, sched.acc_after))
+    assert results[0][3] == [] and len(results[1][3]) == 2
+    assert results[1][3] == results[1][2]
+    assert results[0][:3] == results[1][:3]  # evaluating after pruning changes nothing in training
+
+
+def test_optimizer_moves_pruned_raw_weights_but_not_effective_ones():
+    conv = SparseConv2d.from_conv(_conv(4), "weight")
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(2, 8, 5, 5)
+    for step in range(3):
+        if step == 1:
+            unstructured_pruning(nn.Sequential(conv), 0.5)
+            pruned, raw = conv.mask == 0, conv.weight.detach().clone()
+        opt.zero_grad()
+        conv(x).square().mean().backward()
+        opt.step()
+    assert (conv.weight.grad[pruned] == 0).all()
+    assert (conv.weight.detach() != raw)[pruned].all()  # momentum and weight decay move the raw weight
+    assert (conv.effective_weight()[pruned] == 0).all()
+
+
+def test_quick_profile_runs_every_seed():
+    from efficientml.seeds import SEEDS
+    assert EXPERIMENTS["pruning"].settings["quick"]["seeds"] == list(SEEDS)
 
 
 def test_assignment_schedule_epochs():
