@@ -83,14 +83,14 @@ FULL: dict[str, Callable[[dict], dict]] = {
 
 _R = REFERENCE
 CHAPTERS: tuple[Chapter, ...] = (
-    Chapter(1, "Learning rates and schedules", "01_learning_rates", "Fashion-MNIST subset, half-width ConvNet", (
+    Chapter(1, "Learning rates and schedules", "01_learning_rates", "a Fashion-MNIST subset, half-width ConvNet, mean of 3 seeds", (
         *(Row(f"lr {lr}: test accuracy after 5 epochs", "lr-sweep", lr, reference=_R["lr-sweep"]["test_acc"][lr])
           for lr in ("0.0001", "0.1", "1.0")),
         Row("MultiStepLR: final test accuracy", "schedules", "multistep", reference=_R["schedules"]["test_acc"]["multistep"]),
         Row("CosineAnnealingLR: final test accuracy", "schedules", "cosine", reference=_R["schedules"]["test_acc"]["cosine"]),
         Row("MultiStepLR: final train accuracy", "schedules", "multistep train",
             reference=_R["schedules"]["train_acc"]["multistep"]))),
-    Chapter(2, "Quantization", "02_quantization", "Fashion-MNIST, MLP", (
+    Chapter(2, "Quantization", "02_quantization", "Fashion-MNIST, MLP, mean of 3 seeds", (
         Row("fp32 MLP: test accuracy", "quantization", "fp32", reference=_R["mlp-quantization"]["test_acc"]["fp32"]),
         Row("8-bit weights (per tensor): test accuracy", "quantization", "8",
             reference=_R["mlp-quantization"]["test_acc"]["8-bit"]),
@@ -98,12 +98,12 @@ CHAPTERS: tuple[Chapter, ...] = (
             reference=_R["mlp-quantization"]["test_acc"]["4-bit"]),
         Row("2-bit weights, per tensor: test accuracy", "quantization", "2 per tensor"),
         Row("2-bit weights, per output channel: test accuracy", "quantization", "2 per channel"))),
-    Chapter(3, "Pruning", "03_pruning", "Fashion-MNIST subset, half-width ConvNet", (
+    Chapter(3, "Pruning", "03_pruning", "a Fashion-MNIST subset, half-width ConvNet, mean of 3 seeds", (
         Row("baseline (unpruned): final test accuracy", "pruning", "baseline",
             reference=f"{100 * _R['schedules']['test_acc']['multistep']:.1f}% (MultiStepLR, Chapter 1)"),
         Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
         Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"))),
-    Chapter(4, "Transfer learning and LoRA", "04_lora", "Fashion-MNIST halves, substitute pretrained ResNet-18", (
+    Chapter(4, "Transfer learning and LoRA", "04_lora", "Fashion-MNIST halves, substitute pretrained ResNet-18, mean of 3 seeds", (
         Row("pt_net (all layers trained): test accuracy after 8 epochs", "lora", "pt_net"),
         Row("net_freeze (up to layer3 frozen)", "lora", "net_freeze"),
         Row("net_freeze_lora (frozen + LoRA classifier)", "lora", "net_freeze_lora"),
