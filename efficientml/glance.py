@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable
 
 from . import checks
-from .checks import record  # noqa: F401  (the chapters call it as glance.record or checks.record)
 from .reference import REFERENCE
 from .results import load_result
 
