@@ -14,6 +14,7 @@ building, so the page always shows what the stored notebooks and result files ho
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,8 @@ from . import checks
 from .reference import REFERENCE
 from .results import load_result
 
+LN2 = math.log(2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 
 def read_records(notebook: str | Path) -> dict[str, dict]:
@@ -77,7 +78,8 @@ FULL: dict[str, Callable[[dict], dict]] = {
     "pruning": _last("test_acc"),
     "lora": _last("test_acc"),
     "transformer": lambda r: {"sequence_accuracy": r["sequence_accuracy"]},
-    "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")},
+    "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")} | {
+        f"finetune/{k}": LN2 * _mean_last(v, "test_loss") for k, v in r.get("finetune", {}).get("runs", {}).items()},
 }
 
 _R = REFERENCE
@@ -102,10 +104,12 @@ CHAPTERS: tuple[Chapter, ...] = (
             reference=f"{100 * _R['schedules']['test_acc']['multistep']:.1f}% (MultiStepLR, Chapter 1)"),
         Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
         Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"))),
-    Chapter(4, "Transfer learning and LoRA", "04_lora", "Fashion-MNIST halves, substitute pretrained ResNet-18, mean of 3 seeds", (
-        Row("pt_net (all layers trained): test accuracy after 8 epochs", "lora", "pt_net"),
+    Chapter(4, "Transfer learning and LoRA", "04_lora",
+            "Fashion-MNIST, ResNet-18 pretrained on 7 classes, 20 images of each of 3 others, mean of 3 seeds", (
+        Row("pt_net (all layers trained): final test accuracy", "lora", "pt_net"),
         Row("net_freeze (up to layer3 frozen)", "lora", "net_freeze"),
         Row("net_freeze_lora (frozen + LoRA classifier)", "lora", "net_freeze_lora"),
+        Row("lora_layer4 (frozen + rank-8 LoRA on layer4, new classifier trained)", "lora", "lora_layer4"),
         Row("scratch (no pretraining)", "lora", "scratch"))),
     Chapter(5, "The Transformer from scratch", "05_transformer", "reverse task, 8 random symbols", (
         Row("matmuls per inference counted = N(15h+7)+1 for every (N, h) tried", "transformer", "matmul_formula_holds",
@@ -118,7 +122,12 @@ CHAPTERS: tuple[Chapter, ...] = (
             same_in_every_profile=True),
         Row("bigram conditional entropy (nats)", "language-model", "bigram_nats", fmt="nats", reference="about 2.45",
             same_in_every_profile=True),
-        Row("greedy generation identical with and without KV cache", "language-model", "kv_cache_equal", fmt="text"))),
+        Row("greedy generation identical with and without KV cache", "language-model", "kv_cache_equal", fmt="text"),
+        Row("a play it never saw (The Tempest), not fine-tuned: loss on its held-out part (nats)", "language-model",
+            "finetune/none", fmt="nats"),
+        Row("... fully fine-tuned (mean of 3 seeds)", "language-model", "finetune/full", fmt="nats"),
+        Row("... LoRA r=4 on the attention projections (mean of 3 seeds)", "language-model", "finetune/lora r=4",
+            fmt="nats"))),
 )
 
 

@@ -12,11 +12,14 @@ linear layer's weight W (out x in) frozen and learns a low-rank update in its pl
 
 so the layer trains r * (in + out) numbers instead of in * out. B starts at zero, so the adapted
 layer starts equal to the pretrained one; after training, ``merge`` folds (alpha / r) B A into W
-and inference costs exactly what the original layer cost.
+and inference costs exactly what the original layer cost. ``LoRAConv2d`` does the same for a
+convolution, whose weight (out, in, kh, kw) is an out x (in kh kw) matrix.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -25,7 +28,61 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LoRALinear(nn.Module):
+class LoRALayer(nn.Module):
+    """What LoRA layers share: a frozen ``base`` layer, a rank ``r``, ``scaling = alpha / r``,
+    trainable ``lora_A`` and ``lora_B`` (B starts at zero, so the layer starts equal to its
+    base), and ``merge``/``unmerge``. Subclasses give ``delta_weight`` (shaped like the base
+    weight) and ``_update(x)`` (the update's output, without the scaling)."""
+
+    def _setup(self, base: nn.Module, r: int, r_max: int, alpha: float, dropout: float) -> None:
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= r_max:
+            raise ValueError(f"rank r must be an int in 1..{r_max} for this layer, got {r!r}")
+        if isinstance(alpha, bool) or not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+        if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.base = base
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, float(alpha), alpha / r
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:  # the update is inside base.weight already
+            return y
+        return y + self.scaling * self._update(self.dropout(x))
+
+    @torch.no_grad()
+    def merge(self) -> "LoRALayer":
+        """Fold the update into the base weight: W <- W + (alpha / r) B A. One operation per call
+        afterwards, as before adaptation (dropout of the LoRA branch no longer applies). A no-op
+        when already merged; ``unmerge`` before training A and B again."""
+        if not self.merged:
+            self.base.weight += self.delta_weight()
+            self.merged = True
+        return self
+
+    @torch.no_grad()
+    def unmerge(self) -> "LoRALayer":
+        """Undo ``merge``: W <- W - (alpha / r) B A (equal up to float rounding). A no-op when not merged."""
+        if self.merged:
+            self.base.weight -= self.delta_weight()
+            self.merged = False
+        return self
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
     """``base`` (frozen) plus a trainable rank-``r`` update scaled by ``alpha / r``.
 
     base: the ``nn.Linear`` to adapt; its weight (out x in) and bias are frozen in place.
@@ -44,23 +101,11 @@ class LoRALinear(nn.Module):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"LoRALinear adapts an nn.Linear, got {type(base).__name__}")
-        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= min(base.in_features, base.out_features):
-            raise ValueError(f"rank r must be an int in 1..min(in, out) = 1..{min(base.in_features, base.out_features)}"
-                             f", got {r!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"alpha must be a positive number, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        self.r, self.alpha, self.scaling = r, float(alpha), alpha / r
+        self._setup(base, r, min(base.in_features, base.out_features), alpha, dropout)
         w = base.weight
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=w.dtype))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=w.device, dtype=w.dtype))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear (and PEFT) initialise
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.merged = False
 
     @property
     def in_features(self) -> int:
@@ -74,44 +119,83 @@ class LoRALinear(nn.Module):
         """The update (alpha / r) B A, shape (out, in)."""
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.merged:  # the update is inside base.weight already
-            return y
-        return y + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
-
-    @torch.no_grad()
-    def merge(self) -> "LoRALinear":
-        """Fold the update into the base weight: W <- W + (alpha / r) B A. One matmul per call
-        afterwards, as before adaptation (dropout of the LoRA branch no longer applies). A no-op
-        when already merged; ``unmerge`` before training A and B again."""
-        if not self.merged:
-            self.base.weight += self.delta_weight()
-            self.merged = True
-        return self
-
-    @torch.no_grad()
-    def unmerge(self) -> "LoRALinear":
-        """Undo ``merge``: W <- W - (alpha / r) B A (equal up to float rounding). A no-op when not merged."""
-        if self.merged:
-            self.base.weight -= self.delta_weight()
-            self.merged = False
-        return self
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, merged={self.merged}"
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A), self.lora_B)
 
 
-def add_lora(model: nn.Module, name: str, r: int = 4, alpha: float = 1.0, dropout: float = 0.0) -> LoRALinear:
-    """Replace the ``nn.Linear`` called ``name`` in ``model`` (e.g. ``"fc"``) by a ``LoRALinear``
-    around it, in place; returns the new layer."""
+class LoRAConv2d(LoRALayer):
+    """A frozen ``nn.Conv2d`` plus a trainable rank-``r`` update, as PEFT adapts convolutions.
+
+    The base weight W has shape (out, in, kh, kw): as a matrix, out x (in kh kw), one row per
+    output channel. The update is that matrix's low-rank product, (alpha / r) B A, with
+    ``lora_A`` (r, in, kh, kw), i.e. r x (in kh kw), and ``lora_B`` (out, r). It is computed
+    as two convolutions: A with the base's stride, padding and dilation (r output channels),
+    then B as a 1 x 1 convolution; it trains r (in kh kw + out) numbers instead of
+    out in kh kw. Grouped convolutions are not supported. Input (N, in, H, W); output
+    (N, out, H', W') as the base's. ``r``, ``alpha``, ``dropout``: as ``LoRALinear``.
+    """
+
+    def __init__(self, base: nn.Conv2d, r: int = 4, alpha: float = 1.0, dropout: float = 0.0):
+        super().__init__()
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"LoRAConv2d adapts an nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError("LoRAConv2d supports convolutions with groups=1 and zero padding only")
+        out_c, in_c, kh, kw = base.weight.shape
+        self._setup(base, r, min(out_c, in_c * kh * kw), alpha, dropout)
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(r, in_c, kh, kw, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(out_c, r, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Conv2d (and PEFT) initialise
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update (alpha / r) B A, shape (out, in, kh, kw) like the base weight."""
+        return self.scaling * (self.lora_B @ self.lora_A.flatten(1)).view_as(self.base.weight)
+
+    def _update(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.base
+        h = F.conv2d(x, self.lora_A, None, b.stride, b.padding, b.dilation)
+        return F.conv2d(h, self.lora_B[:, :, None, None])
+
+
+def add_lora(model: nn.Module, name: str, r: int = 4, alpha: float = 1.0, dropout: float = 0.0) -> LoRALayer:
+    """Replace the ``nn.Linear`` or ``nn.Conv2d`` called ``name`` in ``model`` (e.g. ``"fc"``,
+    ``"layer4.0.conv1"``) by a ``LoRALinear`` or ``LoRAConv2d`` around it, in place; returns
+    the new layer."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child) or not isinstance(getattr(parent, child), nn.Module):
+    try:
+        parent = model.get_submodule(parent_name) if parent_name else model
+    except AttributeError:
+        parent = None
+    if parent is None or not hasattr(parent, child) or not isinstance(getattr(parent, child), nn.Module):
         raise ValueError(f"model has no submodule {name!r}")
-    layer = LoRALinear(getattr(parent, child), r, alpha, dropout)
+    old = getattr(parent, child)
+    kind = LoRAConv2d if isinstance(old, nn.Conv2d) else LoRALinear
+    layer = kind(old, r, alpha, dropout)
     setattr(parent, child, layer)
     return layer
+
+
+def lora_targets(model: nn.Module, under: str = "", kinds=(nn.Linear, nn.Conv2d)) -> list[str]:
+    """Names of the layers of ``kinds`` inside submodule ``under`` ("" : the whole model) that
+    ``add_lora`` can adapt, in order, e.g. ``lora_targets(resnet, "layer4", (nn.Conv2d,))``
+    gives layer4's five convolutions (two per block and the shortcut's 1 x 1)."""
+    prefix = f"{under}." if under else ""
+    adapted = {id(m.base) for m in model.modules() if isinstance(m, LoRALayer)}
+    names = [n for n, m in model.named_modules()
+             if n.startswith(prefix) and isinstance(m, kinds) and id(m) not in adapted]
+    if not names:
+        raise ValueError(f"no {'/'.join(k.__name__ for k in kinds)} layer under {under!r}")
+    return names
+
+
+def merge_lora(model: nn.Module) -> int:
+    """``merge`` every LoRA layer in ``model`` (in place); returns how many there are. The merged
+    model computes what the adapted one did with the original layers' cost."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALayer)]
+    for m in layers:
+        m.merge()
+    return len(layers)
 
 
 @dataclass(frozen=True)
@@ -164,7 +248,7 @@ def freeze(model: nn.Module, trainable: Iterable[str] = (), *, up_to: str | None
         for p in modules[name].parameters():
             p.requires_grad_(True)
     for m in model.modules():  # LoRA keeps its base frozen whatever contains it
-        if isinstance(m, LoRALinear):
+        if isinstance(m, LoRALayer):
             for p in m.base.parameters():
                 p.requires_grad_(False)
     return parameter_count(model)
@@ -211,3 +295,45 @@ def saved_activation_bytes(model: nn.Module, *inputs: torch.Tensor) -> int:
         out = model(*inputs)
     del out
     return sum(seen.values())
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ library logs its start and stop there)."""
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved), os.close(null)
+
+
+def peak_memory_bytes(fn, *args, device=None) -> int:
+    """Peak bytes allocated while ``fn(*args)`` runs, above what was allocated when it started.
+
+    On a CUDA ``device``: ``torch.cuda.max_memory_allocated`` (reset before the call). On the
+    CPU, which keeps no such statistic: every allocation and free the PyTorch profiler records
+    (``profile_memory=True``), summed in time order, and the running sum's maximum. Both count
+    tensors only (what PyTorch's allocator hands out: activations, gradients, optimizer state,
+    temporaries, library workspaces), not the process's other memory. Workspaces depend on the
+    kernels a CPU uses, so the figure varies a little between machines.
+    """
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn(*args)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args)
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    level = peak = 0
+    for _, nbytes in events:
+        level += nbytes
+        peak = max(peak, level)
+    return peak

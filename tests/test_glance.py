@@ -79,3 +79,16 @@ def test_full_results_over_seeds_show_the_mean(tmp_path):
     (tmp_path / "lr-sweep-full.json").write_text(json.dumps(payload))
     row = next(line for line in build_page(results_dir=tmp_path).splitlines() if line.startswith("| lr 0.1:"))
     assert row.split("|")[4].strip() == "82.0%"
+
+
+def test_full_language_model_result_fills_the_finetuning_rows(tmp_path):
+    """The fine-tuning rows of Chapter 6 read the mean final loss (bits -> nats) over seeds."""
+    import math
+    runs = {"none": [History(test_loss=[2.0]).to_dict()],
+            "full": [History(test_loss=[1.5]).to_dict(), History(test_loss=[1.7]).to_dict()],
+            "lora r=4": [History(test_loss=[1.8]).to_dict()]}
+    payload = {"experiment": "language-model", "profile": "full", "settings": {},
+               "results": {"val_loss_nats": 1.5, "kv_cache_equal": True, "finetune": {"runs": runs, "cost": {}}}}
+    (tmp_path / "language-model-full.json").write_text(json.dumps(payload))
+    row = next(line for line in build_page(results_dir=tmp_path).splitlines() if "fully fine-tuned" in line)
+    assert row.split("|")[4].strip() == f"{1.6 * math.log(2):.3f}"

@@ -6,7 +6,7 @@ import torchvision
 from torch import nn
 
 from efficientml import experiments
-from efficientml.lora import (LoRALinear, ParameterCount, add_lora, freeze, gradient_bytes, optimizer_state_bytes,
+from efficientml.lora import (LoRAConv2d, LoRALinear, lora_targets, merge_lora, peak_memory_bytes, ParameterCount, add_lora, freeze, gradient_bytes, optimizer_state_bytes,
                               parameter_count, saved_activation_bytes, stages)
 from efficientml.models import WeightsMissingError, resnet18
 
@@ -126,6 +126,85 @@ def test_dropout_applies_to_the_update_only():
     layer.eval()
     x = torch.randn(4, 12)
     assert torch.equal(layer(x), layer.base(x))  # B = 0: dropout cannot change anything yet
+
+
+# -- LoRA on convolutions ----------------------------------------------------------------------
+
+def conv_lora(r=3, alpha=6.0, **conv):
+    torch.manual_seed(0)
+    conv = dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1) | conv
+    return LoRAConv2d(nn.Conv2d(**conv), r=r, alpha=alpha)
+
+
+def test_conv_lora_starts_equal_and_trains_only_a_and_b():
+    layer = conv_lora()
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.equal(layer(x), layer.base(x))
+    assert layer.lora_A.shape == (3, 4, 3, 3) and layer.lora_B.shape == (6, 3)
+    layer(x).square().sum().backward()
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+    assert layer.base.weight.grad is None and layer.lora_B.grad.abs().sum() > 0
+    assert parameter_count(layer).trainable == 3 * (4 * 9 + 6)
+
+
+@pytest.mark.parametrize("conv", [dict(), dict(kernel_size=1, stride=1, padding=0), dict(dilation=2, padding=2),
+                                  dict(bias=False)])
+def test_conv_lora_equals_explicit_formula(conv):
+    # conv(x, W + (alpha / r) * reshape(B @ A.flatten(1))) + b, in float64, by hand
+    layer = conv_lora(r=2, alpha=5.0, **conv).double()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 4, 10, 10, dtype=torch.float64)
+    b = layer.base
+    w = b.weight + (5.0 / 2) * (layer.lora_B @ layer.lora_A.reshape(2, -1)).reshape(b.weight.shape)
+    expected = nn.functional.conv2d(x, w, b.bias, b.stride, b.padding, b.dilation)
+    assert torch.allclose(layer(x), expected, atol=1e-12)
+    assert torch.allclose(layer.delta_weight(), w - b.weight, atol=1e-12)
+
+
+def test_conv_lora_merge_unmerge_round_trip():
+    layer = conv_lora()
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(2, 4, 9, 9)
+    y, w0 = layer(x), layer.base.weight.clone()
+    layer.merge()
+    assert layer.merged and torch.allclose(layer(x), y, atol=1e-5)
+    assert torch.allclose(layer(x), layer.base(x))  # one plain convolution now
+    layer.merge()  # a no-op
+    layer.unmerge()
+    assert not layer.merged and torch.allclose(layer.base.weight, w0, atol=1e-6)
+    assert torch.allclose(layer(x), y, atol=1e-5)
+
+
+@pytest.mark.parametrize("r", [0, -2, 1.5, True, 7, None])
+def test_conv_lora_rejects_bad_rank(r):
+    with pytest.raises(ValueError, match="rank"):  # out = 6 < in kh kw = 36: r <= 6
+        conv_lora(r=r)
+
+
+def test_conv_lora_rejects_other_layers():
+    with pytest.raises(TypeError, match="nn.Conv2d"):
+        LoRAConv2d(nn.Linear(4, 4), r=1)
+    with pytest.raises(ValueError, match="groups"):
+        LoRAConv2d(nn.Conv2d(4, 4, 3, groups=2), r=1)
+
+
+def test_add_lora_to_resnet_convolutions():
+    net = resnet18(10)
+    names = lora_targets(net, "layer4", (nn.Conv2d,))
+    assert names == ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0", "layer4.1.conv1", "layer4.1.conv2"]
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    before = net(x)
+    for name in names:
+        assert isinstance(add_lora(net, name, r=4, alpha=8), LoRAConv2d)
+    assert torch.equal(net(x), before)  # every update starts at zero
+    with pytest.raises(ValueError, match="no Conv2d"):
+        lora_targets(net, "layer4", (nn.Conv2d,))  # all adapted already: their bases are not targets
+    count = freeze(net, ["fc", *names])  # the adapted layers' A and B train, their bases stay frozen
+    convs = [net.get_submodule(n) for n in names]
+    assert count.trainable == n_params(net.fc) + sum(4 * (c.base.weight[0].numel() + c.base.out_channels) for c in convs)
 
 
 # -- freezing --------------------------------------------------------------------------------
@@ -258,6 +337,13 @@ def test_transfer_models():
     assert counts["net_freeze"].trainable == n_params(backbone.layer4) + n_params(backbone.fc)
     assert counts["net_freeze_lora"].trainable == n_params(backbone.layer4) + s["r"] * (512 + 5)
     assert counts["scratch"].trainable == total
+    # lora_layer4: every pretrained weight frozen; rank-r A and B on layer4's five convolutions
+    # (r (in kh kw + out) each) and the whole new classifier train
+    r, convs = s["r_backbone"], [(256, 9, 512), (512, 9, 512), (256, 1, 512), (512, 9, 512), (512, 9, 512)]
+    assert counts["lora_layer4"].trainable == sum(r * (i * k + o) for i, k, o in convs) + 512 * 5 + 5
+    assert counts["lora_layer4"].trainable < 0.02 * total
+    assert parameter_count(experiments.transfer_model("lora_layer4", backbone, 5, s, r=1)).trainable == \
+        sum(i * k + o for i, k, o in convs) + 512 * 5 + 5
     # copies: the backbone itself is untouched, and the pretrained weights are shared by value
     assert all(p.requires_grad for p in backbone.parameters())
     assert torch.equal(nets["net_freeze"].layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
@@ -279,13 +365,26 @@ def test_select_classes(fashion_test):
             fashion_test.select_classes(bad)
 
 
+def test_transfer_configs_sweep_the_rank():
+    s = experiments.settings("lora", "quick") | dict(runs=["pt_net", "lora_layer4"], r_backbone=8, lora_ranks=[2, 8, 32])
+    assert experiments.transfer_configs(s) == [("pt_net", "pt_net", None), ("lora_layer4 r=2", "lora_layer4", 2),
+                                               ("lora_layer4", "lora_layer4", 8), ("lora_layer4 r=32", "lora_layer4", 32)]
+
+
 def test_transfer_runs_train_and_measure_their_cost(data_dir):
     s = experiments.settings("lora", "quick") | dict(pretrain_per_class=20, pretrain_epochs=1, n_per_class=4,
                                                      test_per_class=10, epochs=2, seeds=[0, 1], probe=True,
-                                                     runs=["net_freeze", "net_freeze_lora"])
+                                                     runs=["net_freeze", "net_freeze_lora", "lora_layer4"],
+                                                     lora_ranks=[])
     out = experiments.train_transfer_runs(s, device="cpu", progress=False)
     assert out["pretrain"].epochs == 1
-    assert set(out["runs"]) == {"net_freeze", "net_freeze_lora"}
+    assert set(out["runs"]) == {"net_freeze", "net_freeze_lora", "lora_layer4"}
+    for c in out["cost"].values():  # a step holds at least its activations, gradients and momentum at once
+        assert c["peak_step_bytes"] >= c["saved_activation_bytes"] + c["gradient_bytes"]
+    assert out["cost"]["lora_layer4"]["gradient_bytes"] < 0.05 * out["cost"]["net_freeze"]["gradient_bytes"]
+    assert out["cost"]["lora_layer4"]["peak_step_bytes"] < out["cost"]["net_freeze"]["peak_step_bytes"]
+    conv = out["models"]["lora_layer4"].layer4[0].conv1
+    assert isinstance(conv, LoRAConv2d) and conv.lora_B.abs().sum() > 0  # the update was trained
     for name, hists in out["runs"].items():
         assert len(hists) == 2 and all(h.epochs == 2 and len(h.train_time) == 2 for h in hists)
         cost, model = out["cost"][name], out["models"][name]
@@ -329,6 +428,32 @@ def test_saved_activation_bytes_depend_on_shapes_not_values():
     firsts = [c[0] for c in counts.values()]
     assert firsts == sorted(firsts, reverse=True) and firsts[-1] > 0  # freezing more saves less
     assert saved_activation_bytes(net, torch.zeros(16, 1, 28, 28)) == 2 * counts["layer4"][0]  # linear in batch
+
+
+def test_peak_memory_bytes_counts_what_is_held_at_once():
+    def together():  # three 1,000,000-byte tensors alive at the same time
+        return [torch.ones(250, 1000) for _ in range(3)]
+
+    def one_at_a_time():
+        for _ in range(3):
+            torch.ones(250, 1000)
+
+    assert peak_memory_bytes(together) == 3_000_000
+    assert peak_memory_bytes(one_at_a_time) == 1_000_000
+    kept = []
+    assert peak_memory_bytes(lambda: kept.append(torch.ones(500, 1000))) == 2_000_000  # kept after the call: counted
+
+
+def test_merge_lora_merges_every_adapter():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    add_lora(net, "0", r=2, alpha=4), add_lora(net, "2", r=2, alpha=4)
+    with torch.no_grad():
+        net[0].lora_B.normal_(), net[2].lora_B.normal_()
+    x = torch.randn(5, 2, 6, 6)
+    y = net(x)
+    assert merge_lora(net) == 2 and net[0].merged and net[2].merged
+    assert torch.allclose(net(x), y, atol=1e-5)
 
 
 def test_gradient_bytes_from_the_grad_tensors():

@@ -294,3 +294,69 @@ def test_generation_benchmark_reports_equal_tokens():
     r = bench_generation(lm, n_tokens=40, batch=2, repeat=1)
     assert r["same_tokens"] and r["cache_tokens_per_s"] > 0 and r["no_cache_tokens_per_s"] > 0
     assert main(["generation", "--tokens", "20"]) == 0
+
+
+# -- Chapter 6: fine-tuning the trained model on new text ------------------------------------
+
+def _ft_settings(**kw):
+    from efficientml import experiments
+    return experiments.settings("language-model", "quick") | dict(
+        block_size=16, ft_epochs=3, ft_steps=20, ft_batch_size=8, ft_warmup=5, ft_eval_batches=2,
+        ft_eval_batch_size=16, ft_ranks=[2], ft_seeds=[0], ft_lr_lora=1e-2) | kw
+
+
+def test_new_text_split_takes_the_marked_slice_of_the_validation_text():
+    from efficientml.experiments import new_text_split
+    text = "a" * 900 + "bcb" + "c" * 97  # validation: the last 100 characters
+    tok = CharTokenizer(text)
+    s = _ft_settings(ft_marker="bcb", ft_fraction=0.6)
+    ft, ev = new_text_split(text, tok, s)
+    assert tok.decode(ft) + tok.decode(ev) == text[900:] and len(ft) == 60
+    with pytest.raises(ValueError, match="marker"):
+        new_text_split(text, tok, s | {"ft_marker": "zz"})
+    with pytest.raises(ValueError, match="validation"):
+        new_text_split(text, tok, s | {"ft_marker": "aaa"})
+    with pytest.raises(ValueError, match="ft_fraction"):
+        new_text_split(text, tok, s | {"ft_fraction": 1.0})
+
+
+def test_finetune_models_train_what_they_say():
+    from efficientml.experiments import finetune_model
+    from efficientml.lora import LoRALinear, parameter_count
+    torch.manual_seed(0)
+    base = LanguageModel(10, 32, 4, 2, 64, 0.0, max_len=16)
+    total = sum(p.numel() for p in base.parameters())
+    assert parameter_count(finetune_model(base, "full")).trainable == total
+    assert parameter_count(finetune_model(base, "none")).trainable == 0
+    lora = finetune_model(base, "lora", r=2, alpha=4)
+    assert parameter_count(lora).trainable == 2 * 4 * 2 * (32 + 32)  # 2 layers x 4 projections x r (in + out)
+    assert sum(isinstance(m, LoRALinear) for m in lora.modules()) == 8
+    assert all(p.requires_grad for p in base.parameters())  # a copy: the base is untouched
+    x = torch.randint(0, 10, (2, 16))
+    assert torch.equal(lora.eval()(x), base.eval()(x))
+    for bad in (dict(method="half"), dict(method="lora"), dict(method="lora", r=2, alpha=4, targets=("nope",))):
+        with pytest.raises(ValueError):
+            finetune_model(base, **bad)
+
+
+def test_finetuning_lowers_the_loss_on_the_new_text_and_lora_merges_exactly():
+    from efficientml.experiments import finetune_runs
+    from efficientml.lora import merge_lora
+    torch.manual_seed(0)
+    base = LanguageModel(6, 32, 4, 2, 64, 0.0, max_len=16)
+    new = torch.tensor([0, 1, 2, 3, 4, 5] * 60)  # a pattern the untrained base cannot predict
+    out = finetune_runs(base, new[:240], new[240:], _ft_settings(), device="cpu")
+    loss = {k: h[0].test_loss[-1] for k, h in out["runs"].items()}
+    assert set(loss) == {"none", "full", "lora r=2"}
+    assert loss["full"] < 0.5 * loss["none"] and loss["lora r=2"] < 0.8 * loss["none"]
+    cost = out["cost"]
+    assert cost["none"]["optimizer_state_bytes"] == 0
+    for k in ("full", "lora r=2"):  # AdamW: two fp32 moments per trainable parameter
+        assert cost[k]["optimizer_state_bytes"] == 8 * cost[k]["trainable"]
+    assert cost["lora r=2"]["trainable"] < 0.2 * cost["full"]["trainable"]
+    model = out["models"]["lora r=2"].eval()
+    x = new[None, :16]
+    before, greedy = model(x), model.generate(x[:, :1], 30, temperature=0)
+    assert merge_lora(model) == 8
+    torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
+    assert torch.equal(model.generate(x[:, :1], 30, temperature=0), greedy)

@@ -1,21 +1,36 @@
 """Chapter 6's experiment: a character-level decoder-only Transformer on Tiny Shakespeare."""
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
 import torch
 
 from ..data import CharTokenizer, TokenBatches, load_text, split_tokens
+from ..lora import add_lora, freeze, lora_targets, optimizer_state_bytes, parameter_count
 from ..models import count_parameters
-from ..train import fit, select_device
+from ..seeds import spread
+from ..train import History, evaluate, fit, make_optimizer, select_device
 from ..transformer import LanguageModel
 from .core import _checkpoint, register, seed_for
 
 
+LN2 = math.log(2)
+FINETUNE_METHODS = ("none", "full", "lora")
+LORA_ATTENTION = ("w_q", "w_k", "w_v", "w_o")  # the attention projections of every layer
+
+# The new text: the last play of the validation split, The Tempest (from its first line to the
+# end of the file), whose speakers, setting and vocabulary the model never saw in training. Its
+# first ``ft_fraction`` fine-tunes, the rest measures; the model was trained on the first 90%.
+FINETUNE = dict(ft_marker="\n\nMaster:\nBoatswain!", ft_fraction=0.7, ft_epochs=4, ft_steps=50, ft_batch_size=12,
+                ft_warmup=20, ft_lr_full=3e-4, ft_lr_lora=1e-2, ft_alpha_per_rank=2, ft_ranks=[1, 2, 4, 8],
+                ft_eval_batches=10, ft_eval_batch_size=64, ft_seeds=[0, 1, 2])
+
+
 LM_QUICK = dict(text="tinyshakespeare", val_fraction=0.1, d_model=128, n_heads=4, n_layers=4, d_ff=512, dropout=0.0,
                 block_size=64, batch_size=12, steps_per_epoch=200, epochs=10, lr=1e-3, warmup=100, weight_decay=0.1,
-                clip_grad_norm=1.0, val_batches=20, val_batch_size=64, seed=0)
+                clip_grad_norm=1.0, val_batches=20, val_batch_size=64, seed=0) | FINETUNE
 LM_FULL = LM_QUICK | dict(d_model=384, n_heads=6, n_layers=6, d_ff=1536, dropout=0.2, block_size=256, batch_size=64,
                           steps_per_epoch=500, epochs=10, warmup=200, val_batches=50)
 
@@ -48,7 +63,8 @@ def train_language_model(s: dict, device=None, progress=None, out_dir: Path | No
     return model, hist, tok, train, val
 
 
-@register("language-model", "Chapter 6: a character-level decoder-only Transformer on Tiny Shakespeare.",
+@register("language-model", "Chapter 6: a character-level decoder-only Transformer on Tiny Shakespeare, then "
+          "fine-tuned on a play it never saw (in full, with LoRA at several ranks, and not at all).",
           quick=LM_QUICK, full=LM_FULL)
 def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
     model, hist, tok, train, val = train_language_model(s, device, progress, out_dir)
@@ -56,6 +72,143 @@ def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
     prompt = tok.encode("\n")[None].to(next(model.parameters()).device)
     same = torch.equal(model.generate(prompt, 200, temperature=0, use_cache=True),
                        model.generate(prompt, 200, temperature=0, use_cache=False))
+    ft = finetune_runs(model, *new_text_split(load_text(s["text"]), tok, s), s, device, progress)
     return {"parameters": count_parameters(model), "history": hist, "kv_cache_equal": same,
             "val_loss_nats": hist.test_loss[-1] * math.log(2),
-            "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time)}
+            "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time),
+            "finetune": {"runs": ft["runs"], "cost": ft["cost"]}}
+
+
+# -- Fine-tuning the trained model on text it has never seen: full, LoRA, or not at all --------
+
+def new_text_split(text: str, tok: CharTokenizer, s: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fine-tuning tokens, evaluation tokens) of the new text: ``text`` from the first
+    occurrence of ``s["ft_marker"]`` (which must lie in the validation split) to the end, cut
+    (not shuffled) at its ``s["ft_fraction"]``."""
+    start = text.find(s["ft_marker"])
+    if start < 0:
+        raise ValueError(f"the text does not contain the fine-tuning marker {s['ft_marker']!r}")
+    if start < int(len(text) * (1 - s["val_fraction"])):
+        raise ValueError("the fine-tuning text must lie in the validation split, which the model never trained on")
+    if not 0 < s["ft_fraction"] < 1:
+        raise ValueError(f"ft_fraction must be in (0, 1), got {s['ft_fraction']}")
+    new = tok.encode(text[start:])
+    cut = int(len(new) * s["ft_fraction"])
+    return new[:cut], new[cut:]
+
+
+def finetune_model(base: torch.nn.Module, method: str, r: int | None = None, alpha: float | None = None,
+                   targets: tuple[str, ...] = LORA_ATTENTION) -> torch.nn.Module:
+    """A copy of ``base`` made ready to fine-tune: ``"full"`` trains every parameter; ``"lora"``
+    freezes every parameter and adapts each ``nn.Linear`` whose name ends in one of ``targets``
+    (default: the attention projections) with a rank-``r`` LoRA update scaled by ``alpha / r``;
+    ``"none"`` freezes everything (the model as trained)."""
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"unknown fine-tuning method {method!r}: choose one of {', '.join(FINETUNE_METHODS)}")
+    model = copy.deepcopy(base)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    freeze(model, [])
+    if method == "lora":
+        if r is None or alpha is None:
+            raise ValueError("LoRA fine-tuning needs a rank r and an alpha")
+        names = [n for n in lora_targets(model, kinds=(torch.nn.Linear,)) if n.rsplit(".", 1)[-1] in targets]
+        if not names:
+            raise ValueError(f"no linear layer named like {targets} in the model")
+        for name in names:
+            add_lora(model, name, r, alpha)
+    return model
+
+
+def finetune_language_model(base: torch.nn.Module, ft_tokens: torch.Tensor, eval_tokens: torch.Tensor, s: dict,
+                            method: str, r: int | None = None, seed: int = 0, device=None, progress=None):
+    """Fine-tune a copy of ``base`` (see ``finetune_model``) on ``ft_tokens`` for ``ft_epochs`` x
+    ``ft_steps`` batches of ``ft_batch_size`` random windows (``block_size``), with AdamW (no
+    weight decay; learning rate ``ft_lr_full`` or ``ft_lr_lora``, warm-up + cosine, gradient
+    clipping as in training), ``seed`` drawing the batches and LoRA's A. The evaluation loss is
+    measured on ``ft_eval_batches`` fixed batches of windows of ``eval_tokens``. Returns (model,
+    History in bits per character, cost): for ``"none"`` the History holds only the evaluation
+    and cost counts the model as it is. ``cost``: ``trainable``, ``total`` parameters and
+    ``optimizer_state_bytes`` (AdamW's two moments, measured after training)."""
+    seed_for(seed, device)
+    device = select_device(device)
+    alpha = None if r is None else s["ft_alpha_per_rank"] * r
+    model = finetune_model(base, method, r, alpha).to(device)
+    batches = TokenBatches(ft_tokens, s["block_size"], s["ft_batch_size"], s["ft_steps"], seed, device)
+    evals = TokenBatches(eval_tokens, s["block_size"], s["ft_eval_batch_size"], s["ft_eval_batches"], 12345, device)
+    count = parameter_count(model)
+    cost = {"trainable": count.trainable, "total": count.total, "optimizer_state_bytes": 0}
+    if method == "none":
+        hist = History()
+        hist.test_loss.append(evaluate(model, evals, device)[0])
+        return model, hist, cost
+    opt = make_optimizer((p for p in model.parameters() if p.requires_grad), "adamw",
+                         s["ft_lr_full"] if method == "full" else s["ft_lr_lora"], weight_decay=0.0)
+    hist = fit(model, batches, evals, epochs=s["ft_epochs"], optimizer=opt, scheduler="warmup-cosine",
+               warmup=s["ft_warmup"], clip_grad_norm=s["clip_grad_norm"], device=device, progress=progress,
+               desc=f"fine-tune {method}" + ("" if r is None else f" r={r}"))
+    cost["optimizer_state_bytes"] = optimizer_state_bytes(opt)
+    return model, hist, cost
+
+
+def finetune_runs(base: torch.nn.Module, ft_tokens: torch.Tensor, eval_tokens: torch.Tensor, s: dict,
+                  device=None, progress=None) -> dict:
+    """Every fine-tuning of Chapter 6 once per seed in ``s["ft_seeds"]``: none, full, and LoRA
+    on the attention projections at each rank in ``s["ft_ranks"]``. Returns ``{"runs": {label:
+    [History per seed]}, "cost": {label: cost}, "models": {label: the first seed's model}}``,
+    labels ``"none"``, ``"full"``, ``"lora r=R"``."""
+    configs = [("none", None), ("full", None)] + [("lora", r) for r in s["ft_ranks"]]
+    runs, cost, models = {}, {}, {}
+    for method, r in configs:
+        label = method if r is None else f"lora r={r}"
+        seeds = s["ft_seeds"][:1] if method == "none" else s["ft_seeds"]  # nothing to draw without training
+        for seed in seeds:
+            model, hist, c = finetune_language_model(base, ft_tokens, eval_tokens, s, method, r, seed, device, progress)
+            runs.setdefault(label, []).append(hist)
+            cost.setdefault(label, c)
+            models.setdefault(label, model)
+    return {"runs": runs, "cost": cost, "models": models}
+
+
+def finetune_summary(out: dict) -> dict:
+    """``{label: Spread}`` of the evaluation loss on the new text, in nats per character, after
+    fine-tuning (over seeds), from ``finetune_runs(...)`` (Histories or their dicts)."""
+    def last(h):
+        return (h["test_loss"] if isinstance(h, dict) else h.test_loss)[-1] * LN2
+    return {label: spread(last(h) for h in hs) for label, hs in out["runs"].items()}
+
+
+def finetune_cost_table(cost: dict) -> tuple[list[list], list[str]]:
+    """Rows and headers of what each fine-tuning trains and keeps (exact counts and bytes)."""
+    rows = [[label, f"{c['trainable']:,}", f"{c['trainable'] / c['total']:.2%}",
+             f"{c['optimizer_state_bytes'] / 2**10:,.1f} KiB"] for label, c in cost.items()]
+    return rows, ["fine-tuning", "trainable parameters", "of the model", "optimizer state (AdamW)"]
+
+
+def finetune_loss_table(summary: dict) -> tuple[list[list], list[str]]:
+    """Rows and headers of the evaluation losses (mean ± standard deviation over seeds) and how
+    much of full fine-tuning's gain over no fine-tuning each method gets."""
+    none, full = summary["none"].mean, summary["full"].mean
+    rows = [[label, sp.fmt(), "" if label == "none" else f"{(none - sp.mean) / (none - full):.0%}"]
+            for label, sp in summary.items()]
+    return rows, ["fine-tuning", "loss on the new text (nats per character)", "share of full fine-tuning's gain"]
+
+
+def plot_finetune(summary: dict, cost: dict, ax=None, title: str | None = None):
+    """Evaluation loss on the new text (nats, mean over seeds; bars from the lowest to the
+    highest seed) against the number of trainable parameters (log scale); no fine-tuning as a
+    horizontal line."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6, 3.6))[1]
+    for label, sp in summary.items():
+        if label == "none":
+            ax.axhline(sp.mean, color="gray", ls="--", lw=1, label="no fine-tuning")
+            continue
+        n = cost[label]["trainable"]
+        ax.errorbar([n], [sp.mean], yerr=[[sp.mean - sp.min], [sp.max - sp.mean]], fmt="o", capsize=3,
+                    label=label)
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="loss on the new text (nats)", title=title)
+    ax.legend(fontsize=8)
+    return ax

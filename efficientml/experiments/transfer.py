@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ..data import DATASETS, TensorLoader
-from ..lora import (add_lora, freeze, gradient_bytes, optimizer_state_bytes, parameter_count,
-                    saved_activation_bytes)
+from ..lora import (add_lora, freeze, gradient_bytes, lora_targets, optimizer_state_bytes, parameter_count,
+                    peak_memory_bytes, saved_activation_bytes, stages)
 from ..models import resnet18
 from ..seeds import SEEDS, spread
 from ..train import fit, make_optimizer, select_device
@@ -43,15 +43,18 @@ def pretrained_backbone(s: dict, device=None, progress=None, out_dir: Path | Non
     return model, hist
 
 
-TRANSFER_RUNS = ("pt_net", "net_freeze", "net_freeze_lora", "scratch")
+TRANSFER_RUNS = ("pt_net", "net_freeze", "net_freeze_lora", "lora_layer4", "scratch")
 
 
-def transfer_model(name: str, backbone, num_classes: int, s: dict):
+def transfer_model(name: str, backbone, num_classes: int, s: dict, r: int | None = None):
     """Chapter 4.2's models, built from a copy of ``backbone`` with a new ``num_classes`` classifier:
     ``pt_net`` trains every layer; ``net_freeze`` freezes every stage up to ``s["freeze_up_to"]``;
     ``net_freeze_lora`` freezes the same stages and also the new classifier, which it adapts with
-    a rank-``s["r"]`` LoRA update; ``scratch`` is the same ResNet-18 from a random initialisation
-    (no pretraining), for comparison."""
+    a rank-``s["r"]`` LoRA update (alpha ``s["alpha"]``); ``lora_layer4`` freezes the whole
+    backbone, adapts each of ``layer4``'s convolutions (three quarters of the parameters) with a
+    rank-``r`` LoRA update (default ``s["r_backbone"]``; alpha = ``s["lora_alpha_per_rank"]`` x r)
+    and trains the new classifier in full, as PEFT's ``modules_to_save`` does; ``scratch`` is the
+    same ResNet-18 from a random initialisation (no pretraining), for comparison."""
     if name not in TRANSFER_RUNS:
         raise ValueError(f"unknown transfer run {name!r}: choose one of {', '.join(TRANSFER_RUNS)}")
     if name == "scratch":
@@ -60,27 +63,44 @@ def transfer_model(name: str, backbone, num_classes: int, s: dict):
     model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
     if name == "net_freeze_lora":
         add_lora(model, "fc", s["r"], s["alpha"])
-    if name != "pt_net":
+    if name == "lora_layer4":
+        r = s["r_backbone"] if r is None else r
+        names = lora_targets(model, "layer4", (torch.nn.Conv2d,))
+        for conv in names:
+            add_lora(model, conv, r, s["lora_alpha_per_rank"] * r)
+        freeze(model, ["fc", *names])  # A and B of each adapted convolution, and the classifier
+    elif name != "pt_net":
         freeze(model, up_to=s["freeze_up_to"])
     return model
 
 
-def measure_cost(model, batch_shape: tuple[int, ...], num_classes: int) -> dict:
+def measure_cost(model, batch_shape: tuple[int, ...], num_classes: int, s: dict) -> dict:
     """What one training step of ``model`` holds in memory besides the weights, measured from the
-    tensors on a copy of it (in training mode, on a zero batch of ``batch_shape``): ``trainable``
-    and ``total`` parameters, ``gradient_bytes`` (the ``.grad`` tensors after a backward pass) and
-    ``saved_activation_bytes`` (what autograd saves for the backward pass; see
-    ``lora.saved_activation_bytes``). All depend on shapes and on what trains, not on values."""
+    tensors on a copy of it (in training mode, one SGD step of settings ``s`` on a zero batch of
+    ``batch_shape``, on the CPU): ``trainable`` and ``total`` parameters, ``gradient_bytes`` (the
+    ``.grad`` tensors after the backward pass), ``optimizer_state_bytes`` (the momentum buffers
+    after the step), ``saved_activation_bytes`` (what autograd saves for the backward pass; see
+    ``lora.saved_activation_bytes``) and ``peak_step_bytes`` (the most memory the step held at
+    once above the weights: activations, gradients, optimizer state and temporaries; see
+    ``lora.peak_memory_bytes``). All but the peak depend only on shapes and on what trains; the
+    peak includes library workspaces, which vary a little between CPUs."""
     m = copy.deepcopy(model).cpu().train()
     for p in m.parameters():
         p.grad = None
-    x = torch.zeros(batch_shape)
+    x, y = torch.zeros(batch_shape), torch.zeros(batch_shape[0], dtype=torch.long)
     saved = saved_activation_bytes(m, x)
-    loss = torch.nn.functional.cross_entropy(m(x), torch.zeros(batch_shape[0], dtype=torch.long))
-    loss.backward()
+    opt = make_optimizer((p for p in m.parameters() if p.requires_grad), "sgd", s["lr"], s["momentum"],
+                         s["weight_decay"])
+
+    def step():
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+    peak = peak_memory_bytes(step)
     count = parameter_count(m)
     return {"trainable": count.trainable, "total": count.total, "gradient_bytes": gradient_bytes(m),
-            "saved_activation_bytes": saved}
+            "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": saved,
+            "peak_step_bytes": peak}
 
 
 @torch.no_grad()
@@ -118,38 +138,52 @@ def linear_probe(backbone, s: dict, device=None, steps: int = 300) -> float:
         return float((clf(fte).argmax(1) == yte).double().mean())
 
 
+def transfer_configs(s: dict) -> list[tuple[str, str, int | None]]:
+    """(label, run name, LoRA rank or None) of every model ``train_transfer_runs`` trains: each
+    run in ``s["runs"]``, and ``lora_layer4`` once per rank in ``s["lora_ranks"]`` (label
+    ``"lora_layer4 r=R"``; the rank ``s["r_backbone"]`` is labelled plain ``lora_layer4``)."""
+    out = []
+    for name in s["runs"]:
+        if name != "lora_layer4":
+            out.append((name, name, None))
+            continue
+        for r in sorted(set(s.get("lora_ranks") or []) | {s["r_backbone"]}):
+            out.append((name if r == s["r_backbone"] else f"{name} r={r}", name, r))
+    return out
+
+
 def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progress=None, backbone=None) -> dict:
-    """Train every model named in ``s["runs"]`` (see ``transfer_model``) on the target task, once
-    per seed in ``s["seeds"]`` (each seed draws its own target images, new classifier and batch
-    order, the same for every model), with the same epochs and optimizer (SGD, cosine schedule),
-    starting from ``backbone`` (default: ``pretrained_backbone(s)``, pretrained once, with
-    ``s["seed"]``, or loaded). Returns ``{"pretrain": History or None, "runs": {name: [History per
-    seed]}, "models": {name: the first seed's trained model}, "cost": {name: measure_cost(...)
-    plus optimizer_state_bytes, measured after training}, "probe": {"pretrained" | "random":
-    [linear_probe accuracy per seed]}}`` (``probe`` only if ``s["probe"]``)."""
+    """Train every model of ``transfer_configs(s)`` on the target task, once per seed in
+    ``s["seeds"]`` (each seed draws its own target images, new classifier and batch order, the
+    same for every model), with the same epochs and optimizer (SGD, cosine schedule), starting
+    from ``backbone`` (default: ``pretrained_backbone(s)``, pretrained once, with ``s["seed"]``,
+    or loaded). Returns ``{"pretrain": History or None, "runs": {label: [History per seed]},
+    "models": {label: the first seed's trained model}, "cost": {label: measure_cost(...)},
+    "probe": {"pretrained" | "random": [linear_probe accuracy per seed]}}`` (``probe`` only if
+    ``s["probe"]``)."""
     pre_hist = None
     if backbone is None:
         backbone, pre_hist = pretrained_backbone(s, device, progress, out_dir)
     device = select_device(device)
     in_channels = backbone.conv1.in_channels
-    runs, models, cost = {name: [] for name in s["runs"]}, {}, {}
+    configs = transfer_configs(s)
+    runs, models, cost = {label: [] for label, _, _ in configs}, {}, {}
     probe = {"pretrained": [], "random": []}
     for seed in s["seeds"]:
         si = s | {"seed": seed}
         train_loader, test_loader, train = train_loaders(si, device, s["target_classes"])
-        for name in s["runs"]:
+        for label, name, r in configs:
             seed_for(seed, device)  # every run of a seed: the same new classifier, the same batches
-            model = transfer_model(name, backbone, train.num_classes, s)
-            if name not in cost:
-                cost[name] = measure_cost(model, (s["batch_size"], *train.images.shape[1:]), train.num_classes)
+            model = transfer_model(name, backbone, train.num_classes, s, r)
+            if label not in cost:
+                cost[label] = measure_cost(model, (s["batch_size"], *train.images.shape[1:]), train.num_classes, s)
             opt = make_optimizer((p for p in model.parameters() if p.requires_grad), "sgd", s["lr"],
                                  s["momentum"], s["weight_decay"])
             hist = fit(model, train_loader, test_loader, epochs=s["epochs"], optimizer=opt, scheduler="cosine",
-                       device=device, checkpoint=_checkpoint(out_dir, f"lora-{name}-seed{seed}", s),
-                       progress=progress, desc=f"{name} seed {seed}")
-            cost[name]["optimizer_state_bytes"] = optimizer_state_bytes(opt)
-            runs[name].append(hist)
-            models.setdefault(name, model)
+                       device=device, checkpoint=_checkpoint(out_dir, f"lora-{label.replace(' r=', '-r')}-seed{seed}", s),
+                       progress=progress, desc=f"{label} seed {seed}")
+            runs[label].append(hist)
+            models.setdefault(label, model)
         if s.get("probe"):
             seed_for(seed, device)
             probe["pretrained"].append(linear_probe(backbone, si, device))
@@ -158,20 +192,22 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
     return out | ({"probe": probe} if s.get("probe") else {})
 
 
-# Each half of Fashion-MNIST holds tops, footwear and other clothes, so that what is learned on
-# one half is of use on the other, as ImageNet's features are on CIFAR-10:
-# source T-shirt, Trouser, Coat, Sandal, Bag; target Pullover, Dress, Shirt, Sneaker, Ankle boot.
-# The quick profile pretrains once (seed 0) on every source training image, then transfers to a
+# The source task holds seven classes of every kind (Trouser, Dress, Coat, Sandal, Sneaker, Bag,
+# Ankle boot); the target task the three tops it never sees and that are hardest to tell apart
+# (T-shirt/top, Pullover, Shirt), as ImageNet's features serve a finer task on other images. The
+# quick profile pretrains once (seed 0) on every source training image, then transfers to a
 # LOW-DATA target task (n_per_class images per class), where pretrained features matter; each
 # target run is repeated for every seed in SEEDS.
-LORA_QUICK = dict(dataset="fashion-mnist", backbone="pretrain", source_classes=[0, 1, 4, 5, 8],
-                  target_classes=[2, 3, 6, 7, 9], pretrain_per_class=None, pretrain_epochs=1, pretrain_lr=0.05,
+LORA_QUICK = dict(dataset="fashion-mnist", backbone="pretrain", source_classes=[1, 3, 4, 5, 7, 8, 9],
+                  target_classes=[0, 2, 6], pretrain_per_class=None, pretrain_epochs=1, pretrain_lr=0.05,
                   pretrain_batch_size=128,
-                  n_per_class=20, test_per_class=100, epochs=12, batch_size=20, lr=0.01, momentum=0.9,
-                  weight_decay=5e-4, augment=True, freeze_up_to="layer3", r=4, alpha=8, runs=list(TRANSFER_RUNS),
+                  n_per_class=20, test_per_class=300, epochs=12, batch_size=20, lr=0.01, momentum=0.9,
+                  weight_decay=5e-4, augment=True, freeze_up_to="layer3", r=2, alpha=4, r_backbone=8,
+                  lora_alpha_per_rank=2, lora_ranks=[1, 4, 16, 64], runs=list(TRANSFER_RUNS),
                   seed=0, seeds=list(SEEDS), probe=True, probe_l2=1e-3)
 LORA_FULL = LORA_QUICK | dict(dataset="cifar10", backbone="imagenet", source_classes=None, target_classes=None,
-                              n_per_class=None, test_per_class=None, epochs=8, batch_size=64, probe=False)
+                              n_per_class=None, test_per_class=None, epochs=8, batch_size=64, probe=False, r=4,
+                              alpha=8)
 
 
 @register("lora", "Chapter 4: a pretrained ResNet-18 fine-tuned fully, partly frozen, and frozen with a LoRA "
@@ -194,14 +230,106 @@ def summarize(out: dict) -> dict:
     return res
 
 
+def main_runs(d: dict) -> dict:
+    """The entries of ``d`` (keyed by ``transfer_configs`` labels) that are not extra ranks of
+    the rank sweep ("lora_layer4 r=R"), nor the probes."""
+    return {k: v for k, v in d.items() if " r=" not in k and k != "probe"}
+
+
+def rank_sweep(d: dict, s: dict) -> dict:
+    """``{rank: d[label]}`` for every rank of ``lora_layer4`` in ``d``, in increasing order."""
+    out = {}
+    for label, name, r in transfer_configs(s):
+        if name == "lora_layer4" and label in d:
+            out[r] = d[label]
+    return out
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.2f} MiB"
+
+
+def stage_table(model, input_shape: tuple[int, ...]) -> tuple[list[list], list[str]]:
+    """Rows and headers of where ``model``'s parameters sit, stage by stage (see ``lora.stages``):
+    parameters, share of all, and the stage's output shape for one input of ``input_shape``
+    (channels, height, width)."""
+    shapes, hooks = {}, []
+    for name in stages(model):
+        hooks.append(getattr(model, name).register_forward_hook(
+            lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:]))))
+    was_training = model.training
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, *input_shape))
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    total = parameter_count(model).total
+    rows = []
+    for name in stages(model):
+        n = parameter_count(getattr(model, name)).total
+        rows.append([name, f"{n:,}", f"{n / total:.1%}", " × ".join(map(str, shapes[name]))])
+    return rows + [["total", f"{total:,}", "100%", ""]], ["stage", "parameters", "share", "output shape"]
+
+
+def lora_size_table(layers: list[tuple[str, int, int]], ranks=(1, 4, 16)) -> tuple[list[list], list[str]]:
+    """Rows and headers of what a rank-r update costs for layers ``(name, d_in, d_out)`` (a
+    convolution counts as a d_out x (in kh kw) matrix): weights, r (d_in + d_out) LoRA
+    parameters, and their ratio, for each rank r <= min(d_in, d_out)."""
+    rows = [[name, f"{d_in * d_out:,}", r, f"{r * (d_in + d_out):,}", f"{r * (d_in + d_out) / (d_in * d_out):.2%}"]
+            for name, d_in, d_out in layers for r in ranks if r <= min(d_in, d_out)]
+    return rows, ["layer", "weights W", "rank r", "LoRA parameters", "LoRA / W"]
+
+
 def cost_table(cost: dict) -> tuple[list[list], list[str]]:
     """Rows and headers of Chapter 4's cost table from ``train_transfer_runs(...)["cost"]``:
     exact counts and bytes (MiB with two decimals), the same on every machine."""
-    mib = lambda b: f"{b / 2**20:.2f} MiB"  # noqa: E731
-    rows = [[name, f"{c['trainable']:,}", f"{c['trainable'] / c['total']:.1%}", mib(c["gradient_bytes"]),
-             mib(c["optimizer_state_bytes"]), mib(c["saved_activation_bytes"])] for name, c in cost.items()]
+    rows = [[name, f"{c['trainable']:,}", f"{c['trainable'] / c['total']:.1%}", _mib(c["gradient_bytes"]),
+             _mib(c["optimizer_state_bytes"]), _mib(c["saved_activation_bytes"])] for name, c in cost.items()]
     return rows, ["model", "trainable parameters", "of all", "gradients", "optimizer state (SGD momentum)",
                   "activations saved for backward"]
+
+
+def seconds_per_epoch(histories) -> float:
+    """Mean training time per epoch (seconds, training only) over the seeds' Histories."""
+    return sum(sum(h.train_time) / h.epochs for h in histories) / len(histories)
+
+
+def speed_memory_table(runs: dict, cost: dict, reference: str = "pt_net") -> tuple[list[list], list[str]]:
+    """Rows and headers of each run's peak memory of a training step (measured, see
+    ``measure_cost``) and training time per epoch, both also relative to ``reference``."""
+    t_ref, m_ref = seconds_per_epoch(runs[reference]), cost[reference]["peak_step_bytes"]
+    rows = [[name, _mib(cost[name]["peak_step_bytes"]), f"{cost[name]['peak_step_bytes'] / m_ref:.0%}",
+             f"{seconds_per_epoch(hs):.2f} s", f"{t_ref / seconds_per_epoch(hs):.2f}x"] for name, hs in runs.items()]
+    return rows, ["model", "peak memory of a training step", f"of {reference}'s", "training time per epoch",
+                  f"speed-up over {reference}"]
+
+
+def rank_table(summary: dict, cost: dict, s: dict) -> tuple[list[list], list[str]]:
+    """Rows and headers of the rank sweep of ``lora_layer4``: trainable parameters, share of the
+    model, peak memory of a training step, and final test accuracy (mean ± std over seeds)."""
+    acc, c = rank_sweep(summary, s), rank_sweep(cost, s)
+    rows = [[r, f"{c[r]['trainable']:,}", f"{c[r]['trainable'] / c[r]['total']:.2%}",
+             _mib(c[r]["peak_step_bytes"]), acc[r]["final"].pct()] for r in acc]
+    return rows, ["rank r", "trainable parameters", "of the model", "peak memory of a step", "final test accuracy"]
+
+
+def plot_accuracy_vs_parameters(summary: dict, cost: dict, ax=None, title: str | None = None):
+    """Final test accuracy (%, mean over seeds; bars from the lowest to the highest seed) against
+    the number of trainable parameters (log scale), one point per run, the linear probes as
+    horizontal lines."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(7, 4))[1]
+    for name, v in summary.items():
+        if name == "probe":
+            continue
+        sp = v["final"]
+        ax.errorbar([cost[name]["trainable"]], [100 * sp.mean], fmt="o" if " r=" not in name else "s",
+                    yerr=[[100 * (sp.mean - sp.min)], [100 * (sp.max - sp.mean)]], capsize=3, label=name)
+    for (k, sp), ls in zip(summary.get("probe", {}).items(), ("--", ":")):
+        ax.axhline(100 * sp.mean, color="gray", ls=ls, lw=1, label=f"linear probe, {k} features")
+    ax.set(xscale="log", xlabel="trainable parameters", ylabel="final test accuracy (%)", title=title)
+    ax.legend(fontsize=7, ncol=2)
+    return ax
 
 
 def accuracy_table(summary: dict) -> tuple[list[list], list[str]]:
@@ -213,14 +341,17 @@ def accuracy_table(summary: dict) -> tuple[list[list], list[str]]:
 
 
 def record_values(summary: dict, cost: dict, pretrain=None) -> dict:
-    """What Chapter 4 records (``checks.record``): ``{name: mean final test accuracy}`` (the keys
+    """What Chapter 4 records (``checks.record``): ``{label: mean final test accuracy}`` (the keys
     the results page reads), the standard deviations and the first epoch's spread, the linear
-    probes, the pretraining's final source test accuracy, and the exact costs."""
+    probes, the pretraining's final source test accuracy, the exact costs (``cost``) and the
+    measured peak memory of a training step in MiB (``peak MiB``; it varies a little with the
+    CPU's kernels)."""
     runs = {k: v for k, v in summary.items() if k != "probe"}
     out = {name: v["final"].mean for name, v in runs.items()}
     out |= {"final std": {name: v["final"].std for name, v in runs.items()},
             "epoch 1": {name: {"mean": v["epoch 1"].mean, "std": v["epoch 1"].std} for name, v in runs.items()},
-            "cost": cost}
+            "cost": {name: {k: v for k, v in c.items() if k != "peak_step_bytes"} for name, c in cost.items()},
+            "peak MiB": {name: c["peak_step_bytes"] / 2**20 for name, c in cost.items()}}
     if "probe" in summary:
         out["probe"] = {k: {"mean": sp.mean, "std": sp.std} for k, sp in summary["probe"].items()}
     if pretrain is not None:
