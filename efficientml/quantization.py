@@ -30,7 +30,7 @@ class QuantizedArray:
     """Codes plus what dequantization needs.
 
     codes: ``uint8``, the shape of the original array (one code per value; for bits < 8 the
-        upper bits are unused, no packing).
+        upper bits are unused: ``pack_codes`` packs them densely for storage).
     scale: ``float32``, shape () per tensor or (C,) per channel: the real value of one step.
     zero_point: ``uint8``, the shape of ``scale``: the code that stands for real 0.
     bits: 1..8. axis: None (per tensor) or the channel axis.
@@ -73,8 +73,8 @@ def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
 
     axis: None for one scale per tensor, or the axis that indexes channels (e.g. 0 for the
         output rows of a Linear weight) for one scale per channel.
-    Raises TypeError for non-float input, ValueError for empty arrays, NaN or inf, scalars,
-    bits outside 1..8 or an axis the array does not have.
+    Raises TypeError for non-float input, ValueError for empty arrays, NaN or inf, values or a
+    range (max - min) beyond float32's, scalars, bits outside 1..8 or an axis the array does not have.
     """
     bits = _check_bits(bits)
     is_numpy = isinstance(x, np.ndarray)
@@ -94,6 +94,8 @@ def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
             raise ValueError(f"axis {axis} is out of range for an array with {t.ndim} dimensions")
         axis %= t.ndim
     t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError("cannot quantize values beyond float32's range (magnitudes above about 3.4e38)")
     qmax = 2 ** bits - 1
     if axis is None:
         lo, hi = t.min(), t.max()
@@ -103,6 +105,9 @@ def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
     const, value = lo == hi, hi                                  # constant channels, and their value
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range contains 0
     scale = (hi - lo) / qmax
+    if not torch.isfinite(scale).all():
+        raise ValueError("cannot quantize: the range max - min of the data overflows float32 "
+                         "(e.g. values near both -3.4e38 and +3.4e38)")
     zero_point = torch.round(-lo / torch.where(scale > 0, scale, 1.0))
     # A constant channel c round-trips exactly (the general formula could be 1 ulp off):
     # c > 0: scale c, zero point 0, code 1; c < 0: scale -c, zero point 1, code 0; c = 0: scale 1, code 0.
@@ -142,6 +147,36 @@ def zero_code_fraction(q: QuantizedArray) -> float:
         zp = zp.reshape(shape)
     hits = q.codes == zp
     return float(hits.float().mean()) if isinstance(hits, torch.Tensor) else float(hits.mean())
+
+
+def pack_codes(codes, bits: int) -> np.ndarray:
+    """Pack b-bit codes densely: ``bits`` bits per code instead of a whole byte, so two 4-bit
+    codes share a byte and four 2-bit codes do (codes are laid out in order, most significant
+    bit first, the last byte padded with zero bits). Returns a 1-D ``uint8`` array of
+    ceil(n * bits / 8) bytes for n codes; ``unpack_codes`` inverts it.
+    codes: integer NumPy array or tensor (any shape, flattened in C order) with values in
+    0..2**bits - 1; a code that needs more bits raises ``ValueError``."""
+    bits = _check_bits(bits)
+    a = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
+    if not np.issubdtype(a.dtype, np.integer):
+        raise TypeError(f"codes must be integers, got {a.dtype}")
+    a = a.reshape(-1)
+    if a.size and (a.min() < 0 or a.max() > 2 ** bits - 1):
+        raise ValueError(f"codes must lie in 0..{2 ** bits - 1} to be packed in {bits} bits, "
+                         f"got {a.min()}..{a.max()}")
+    bitplanes = np.unpackbits(a.astype(np.uint8)[:, None], axis=1)[:, 8 - bits:]  # (n, bits), MSB first
+    return np.packbits(bitplanes.reshape(-1))
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first ``count`` ``bits``-bit codes in ``packed`` (see ``pack_codes``), as ``uint8``."""
+    bits = _check_bits(bits)
+    packed = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    if count < 0 or count * bits > 8 * packed.size:
+        raise ValueError(f"{packed.size} bytes hold at most {8 * packed.size // bits} codes of {bits} bits, "
+                         f"asked for {count}")
+    bitplanes = np.unpackbits(packed)[: count * bits].reshape(count, bits)
+    return np.packbits(np.pad(bitplanes, ((0, 0), (8 - bits, 0))), axis=1).reshape(-1)
 
 
 def quantize_state_dict(model: nn.Module, bits: int = 8, per_channel: bool = False) -> dict[str, QuantizedArray]:

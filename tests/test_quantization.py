@@ -10,7 +10,8 @@ from torch import nn
 
 from efficientml import MLP
 from efficientml.quantization import (QuantizedArray, dequantize, dequantized_model, dynamic_int8, load_quantized,
-                                      quantize, quantize_state_dict, save_quantized, serialized_size)
+                                      pack_codes, quantize, quantize_state_dict, save_quantized, serialized_size,
+                                      unpack_codes)
 
 
 def _step(q: QuantizedArray, ndim: int) -> np.ndarray:
@@ -122,6 +123,16 @@ def test_bad_input_is_rejected(x, kw, err):
         quantize(x, **kw)
 
 
+@pytest.mark.parametrize("x, kw", [
+    (np.array([0.0, 1e300]), {}),                                     # finite in float64, inf in float32
+    (torch.tensor([-3e38, 3e38]), {}),                                # each fits float32, max - min does not
+    (torch.tensor([[0.0, 1.0], [-3e38, 3e38]]), {"axis": 0}),         # one channel's range overflows
+])
+def test_ranges_beyond_float32_are_rejected_not_turned_into_nan(x, kw):
+    with pytest.raises(ValueError, match="float32"):
+        quantize(x, 8, **kw)
+
+
 def test_dequantize_checks_its_input():
     with pytest.raises(TypeError):
         dequantize(np.zeros(3, np.uint8))
@@ -179,3 +190,29 @@ def test_dynamic_int8_agrees_with_fp32():
     ref, out = model(x), qm(x)
     assert (out - ref).abs().max() < 0.05 * ref.abs().max()
     assert (out.argmax(1) == ref.argmax(1)).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+def test_pack_codes_round_trip_and_size(bits):
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2 ** bits, size=1001).astype(np.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == np.uint8 and packed.size == -(-1001 * bits // 8)
+    np.testing.assert_array_equal(unpack_codes(packed, bits, 1001), codes)
+
+
+def test_pack_codes_layout_by_hand():
+    # 4 bits: two codes per byte, first code in the high nibble; 2 bits: four per byte
+    assert pack_codes(np.array([1, 2, 15, 0]), 4).tolist() == [0x12, 0xF0]
+    assert pack_codes(np.array([3, 0, 1, 2, 1]), 2).tolist() == [0b11000110, 0b01000000]
+    q = quantize(torch.linspace(-1, 1, 64), bits=4)
+    np.testing.assert_array_equal(unpack_codes(pack_codes(q.codes, 4), 4, 64), q.codes.numpy())
+
+
+def test_pack_codes_rejects_codes_that_do_not_fit():
+    with pytest.raises(ValueError, match="0..3"):
+        pack_codes(np.array([0, 4]), 2)
+    with pytest.raises(TypeError):
+        pack_codes(np.array([0.5]), 2)
+    with pytest.raises(ValueError):
+        unpack_codes(np.zeros(1, np.uint8), 4, 3)  # one byte holds two 4-bit codes
