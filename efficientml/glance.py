@@ -14,7 +14,6 @@ building, so the page always shows what the stored notebooks and result files ho
 """
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,8 @@ from typing import Callable
 from . import checks
 from .reference import REFERENCE
 from .results import load_result
+from .train import LN2
 
-LN2 = math.log(2)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from pathlib import Path
 
 import torch
@@ -11,12 +10,11 @@ from ..data import CharTokenizer, TokenBatches, load_text, split_tokens
 from ..lora import add_lora, freeze, lora_targets, optimizer_state_bytes, parameter_count
 from ..models import count_parameters
 from ..seeds import spread
-from ..train import History, evaluate, fit, make_optimizer, select_device
+from ..train import LN2, History, evaluate, fit, make_optimizer, select_device
 from ..transformer import LanguageModel
 from .core import _checkpoint, register, seed_for
 
 
-LN2 = math.log(2)
 FINETUNE_METHODS = ("none", "full", "lora")
 LORA_ATTENTION = ("w_q", "w_k", "w_v", "w_o")  # the attention projections of every layer
 
@@ -74,7 +72,7 @@ def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
                        model.generate(prompt, 200, temperature=0, use_cache=False))
     ft = finetune_runs(model, *new_text_split(load_text(s["text"]), tok, s), s, device, progress)
     return {"parameters": count_parameters(model), "history": hist, "kv_cache_equal": same,
-            "val_loss_nats": hist.test_loss[-1] * math.log(2),
+            "val_loss_nats": hist.test_loss[-1] * LN2,
             "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time),
             "finetune": {"runs": ft["runs"], "cost": ft["cost"]}}
 
