@@ -9,6 +9,12 @@ range of the data widened to contain 0 (as PyTorch's observers do): then 0 is re
 exactly (padding, ReLU outputs and pruned weights stay exactly 0) and the zero point is itself
 a valid code. Inside the range, |x - x_hat| <= scale / 2: half a quantization step.
 
+**Symmetric** quantization (``symmetric=True``, bits >= 2) fixes the zero point at the middle code
+2**(b-1) and uses the restricted range of codes 1..2**b - 1, i.e. the signed integers
+-(2**(b-1) - 1)..2**(b-1) - 1 after subtracting the zero point, with scale = max|x| / (2**(b-1) - 1):
+0 is exact too, and integer kernels need no zero-point correction terms, but one-sided data
+(ReLU outputs, all-positive weights) use only half of the codes.
+
 Per-tensor quantization uses one (scale, zero_point) for the whole array; per-channel
 quantization (``axis=k``) one pair per index along axis k, e.g. per output row of a weight
 matrix, which helps when channels have very different ranges.
@@ -68,15 +74,23 @@ def _channel_shape(ndim: int, axis: int | None, channels: int) -> tuple[int, ...
     return () if axis is None else tuple(channels if d == axis else 1 for d in range(ndim))
 
 
-def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
+def quantize(x, bits: int = 8, axis: int | None = None, symmetric: bool = False) -> QuantizedArray:
     """Quantize the float array ``x`` (NumPy or torch, any shape, at least 1-D) to ``bits`` bits.
 
     axis: None for one scale per tensor, or the axis that indexes channels (e.g. 0 for the
         output rows of a Linear weight) for one scale per channel.
+    symmetric: False for affine min/max quantization; True for symmetric quantization (zero point
+        2**(bits-1), codes 1..2**bits - 1, scale max|x| / (2**(bits-1) - 1); needs bits >= 2).
     Raises TypeError for non-float input, ValueError for empty arrays, NaN or inf, values or a
-    range (max - min) beyond float32's, scalars, bits outside 1..8 or an axis the array does not have.
+    range (max - min) beyond float32's, scalars, bits outside 1..8 (2..8 symmetric) or an axis
+    the array does not have.
     """
     bits = _check_bits(bits)
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
+    if symmetric and bits < 2:
+        raise ValueError("symmetric quantization needs at least 2 bits (1 bit has no code for 0 "
+                         "besides one for +-max)")
     is_numpy = isinstance(x, np.ndarray)
     if not is_numpy and not isinstance(x, torch.Tensor):
         raise TypeError(f"quantize takes a NumPy array or a torch tensor, got {type(x).__name__}")
@@ -102,6 +116,14 @@ def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
     else:
         flat = t.movedim(axis, 0).reshape(t.shape[axis], -1)
         lo, hi = flat.min(1).values, flat.max(1).values
+    view = _channel_shape(t.ndim, axis, t.shape[axis] if axis is not None else 0)
+    if symmetric:
+        half = 2 ** (bits - 1)
+        scale = torch.maximum(lo.abs(), hi.abs()) / (half - 1)
+        scale = torch.where(scale > 0, scale, 1.0).to(torch.float32)  # an all-zero channel: any scale
+        zero_point = torch.full_like(scale, half)
+        codes = torch.clamp(torch.round(t / scale.reshape(view)) + half, 1, qmax).to(torch.uint8)
+        return _result(codes, scale, zero_point.to(torch.uint8), bits, axis, is_numpy)
     const, value = lo == hi, hi                                  # constant channels, and their value
     lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range contains 0
     scale = (hi - lo) / qmax
@@ -113,9 +135,11 @@ def quantize(x, bits: int = 8, axis: int | None = None) -> QuantizedArray:
     # c > 0: scale c, zero point 0, code 1; c < 0: scale -c, zero point 1, code 0; c = 0: scale 1, code 0.
     scale = torch.where(const, torch.where(value == 0, 1.0, value.abs()), scale)
     zero_point = torch.where(const, (value < 0).to(torch.float32), zero_point)
-    view = _channel_shape(t.ndim, axis, t.shape[axis] if axis is not None else 0)
     codes = torch.clamp(torch.round(t / scale.reshape(view)) + zero_point.reshape(view), 0, qmax).to(torch.uint8)
-    scale, zero_point = scale.to(torch.float32), zero_point.to(torch.uint8)
+    return _result(codes, scale.to(torch.float32), zero_point.to(torch.uint8), bits, axis, is_numpy)
+
+
+def _result(codes, scale, zero_point, bits, axis, is_numpy) -> QuantizedArray:
     if is_numpy:  # arrays that own their data (not views of torch storage), as NumPy users expect
         return QuantizedArray(codes.numpy().copy(), scale.numpy().copy(), zero_point.numpy().copy(), bits, axis)
     return QuantizedArray(codes, scale, zero_point, bits, axis)

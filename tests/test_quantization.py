@@ -233,3 +233,48 @@ def test_pack_codes_rejects_codes_that_do_not_fit():
         pack_codes(np.array([0.5]), 2)
     with pytest.raises(ValueError):
         unpack_codes(np.zeros(1, np.uint8), 4, 3)  # one byte holds two 4-bit codes
+
+
+# -- symmetric quantization ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("axis", [None, 0])
+def test_symmetric_codes_error_and_zero(bits, axis):
+    rng = np.random.default_rng(bits)
+    x = rng.normal(size=(6, 50)).astype(np.float32)
+    x[0, 0] = 0.0
+    q = quantize(x, bits, axis=axis, symmetric=True)
+    half = 2 ** (bits - 1)
+    assert np.all(q.zero_point == half) and q.codes.min() >= 1 and q.codes.max() <= 2 ** bits - 1
+    x_hat = dequantize(q)
+    assert x_hat[0, 0] == 0.0                                             # 0 is exact
+    amax = np.abs(x).max(axis=1, keepdims=True) if axis == 0 else np.abs(x).max()
+    np.testing.assert_allclose(q.scale.reshape(-1 if axis == 0 else ()), (amax / (half - 1)).reshape(-1 if axis == 0 else ()),
+                               rtol=1e-6)
+    scale = q.scale.reshape(-1, 1) if axis == 0 else q.scale
+    assert np.all(np.abs(x_hat - x) <= scale / 2 * (1 + 1e-5))
+    np.testing.assert_array_equal(-dequantize(quantize(-x, bits, axis=axis, symmetric=True)), x_hat)  # odd function
+
+
+def test_symmetric_matches_torch_qint8():
+    torch.manual_seed(0)
+    x = torch.randn(300)
+    q = quantize(x, 8, symmetric=True)
+    ref = torch.quantize_per_tensor(x, float(q.scale), 0, torch.qint8)
+    np.testing.assert_array_equal(q.codes.to(torch.int32) - 128, ref.int_repr().to(torch.int32))
+
+
+def test_symmetric_one_sided_data_uses_half_the_codes():
+    x = np.linspace(0, 1, 1001, dtype=np.float32)
+    sym, aff = quantize(x, 4, symmetric=True), quantize(x, 4)
+    assert len(np.unique(sym.codes)) == 8 and len(np.unique(aff.codes)) == 16
+    assert np.abs(dequantize(sym) - x).max() > 1.8 * np.abs(dequantize(aff) - x).max()
+
+
+def test_symmetric_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        quantize(np.ones(3, np.float32), 1, symmetric=True)
+    with pytest.raises(TypeError, match="symmetric"):
+        quantize(np.ones(3, np.float32), 4, symmetric="yes")
+    q = quantize(np.zeros(4, np.float32), 4, symmetric=True)
+    assert np.all(dequantize(q) == 0)
