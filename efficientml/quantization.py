@@ -18,11 +18,20 @@ a valid code. Inside the range, |x - x_hat| <= scale / 2: half a quantization st
 Per-tensor quantization uses one (scale, zero_point) for the whole array; per-channel
 quantization (``axis=k``) one pair per index along axis k, e.g. per output row of a weight
 matrix, which helps when channels have very different ranges.
+
+**K-means (codebook) quantization** (Deep Compression, Han et al., 2016) replaces the uniform grid
+by 2**b centroids fitted to the data with 1-D k-means: each value stores the b-bit index of its
+nearest centroid, and the array stores the codebook of 2**b float32 centroids. Centroids crowd
+where the values are dense, so on bell-shaped weights it has a lower error than the uniform grid.
+
+The **signal-to-quantization-noise ratio** ``sqnr_db`` measures the error of any of them in
+decibels; files with truly b-bit codes (``pack_codes``) are written by ``save_quantized``.
 """
 from __future__ import annotations
 
 import copy
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -74,6 +83,28 @@ def _channel_shape(ndim: int, axis: int | None, channels: int) -> tuple[int, ...
     return () if axis is None else tuple(channels if d == axis else 1 for d in range(ndim))
 
 
+def _float32_input(x, who: str) -> tuple[torch.Tensor, bool]:
+    """``x`` (NumPy array or tensor) as a float32 tensor sharing no autograd history, and whether
+    it was NumPy. Raises TypeError for other types or non-float dtypes, ValueError for scalars,
+    empty arrays, NaN, inf, or values beyond float32's range."""
+    is_numpy = isinstance(x, np.ndarray)
+    if not is_numpy and not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who} takes a NumPy array or a torch tensor, got {type(x).__name__}")
+    t = torch.from_numpy(x) if is_numpy else x.detach()
+    if not t.is_floating_point():
+        raise TypeError(f"{who} needs a floating-point array, got {t.dtype}")
+    if t.ndim == 0:
+        raise ValueError(f"{who} needs an array with at least one dimension, got a scalar")
+    if t.numel() == 0:
+        raise ValueError("cannot quantize an empty array")
+    if not torch.isfinite(t).all():
+        raise ValueError("cannot quantize an array that contains NaN or inf")
+    t = t.to(torch.float32)
+    if not torch.isfinite(t).all():
+        raise ValueError("cannot quantize values beyond float32's range (magnitudes above about 3.4e38)")
+    return t, is_numpy
+
+
 def quantize(x, bits: int = 8, axis: int | None = None, symmetric: bool = False) -> QuantizedArray:
     """Quantize the float array ``x`` (NumPy or torch, any shape, at least 1-D) to ``bits`` bits.
 
@@ -91,25 +122,11 @@ def quantize(x, bits: int = 8, axis: int | None = None, symmetric: bool = False)
     if symmetric and bits < 2:
         raise ValueError("symmetric quantization needs at least 2 bits (1 bit has no code for 0 "
                          "besides one for +-max)")
-    is_numpy = isinstance(x, np.ndarray)
-    if not is_numpy and not isinstance(x, torch.Tensor):
-        raise TypeError(f"quantize takes a NumPy array or a torch tensor, got {type(x).__name__}")
-    t = torch.from_numpy(x) if is_numpy else x.detach()
-    if not t.is_floating_point():
-        raise TypeError(f"quantize needs a floating-point array, got {t.dtype}")
-    if t.ndim == 0:
-        raise ValueError("quantize needs an array with at least one dimension, got a scalar")
-    if t.numel() == 0:
-        raise ValueError("cannot quantize an empty array")
-    if not torch.isfinite(t).all():
-        raise ValueError("cannot quantize an array that contains NaN or inf")
+    t, is_numpy = _float32_input(x, "quantize")
     if axis is not None:
         if not -t.ndim <= axis < t.ndim:
             raise ValueError(f"axis {axis} is out of range for an array with {t.ndim} dimensions")
         axis %= t.ndim
-    t = t.to(torch.float32)
-    if not torch.isfinite(t).all():
-        raise ValueError("cannot quantize values beyond float32's range (magnitudes above about 3.4e38)")
     qmax = 2 ** bits - 1
     if axis is None:
         lo, hi = t.min(), t.max()
@@ -145,10 +162,13 @@ def _result(codes, scale, zero_point, bits, axis, is_numpy) -> QuantizedArray:
     return QuantizedArray(codes, scale, zero_point, bits, axis)
 
 
-def dequantize(q: QuantizedArray):
-    """The float32 array ``(codes - zero_point) * scale`` (NumPy or torch, as ``q`` holds)."""
+def dequantize(q: QuantizedArray | CodebookArray):
+    """The float32 array ``(codes - zero_point) * scale`` (NumPy or torch, as ``q`` holds); for a
+    ``CodebookArray``, ``codebook[codes]``."""
+    if isinstance(q, CodebookArray):
+        return q.dequantize()
     if not isinstance(q, QuantizedArray):
-        raise TypeError(f"dequantize takes a QuantizedArray, got {type(q).__name__}")
+        raise TypeError(f"dequantize takes a QuantizedArray or a CodebookArray, got {type(q).__name__}")
     is_numpy = isinstance(q.codes, np.ndarray)
     codes = torch.from_numpy(q.codes) if is_numpy else q.codes
     scale = torch.as_tensor(q.scale)
@@ -160,18 +180,124 @@ def dequantize(q: QuantizedArray):
     return x.numpy().copy() if is_numpy else x
 
 
-# -- whole models ------------------------------------------------------------------------------
+# -- measuring the error -----------------------------------------------------------------------
 
-def zero_code_fraction(q: QuantizedArray) -> float:
-    """Fraction of ``q``'s values whose code is the zero point, i.e. that dequantize to exactly 0."""
-    zp = q.zero_point
-    if q.axis is not None:
-        shape = [1] * q.codes.ndim
-        shape[q.axis] = -1
-        zp = zp.reshape(shape)
-    hits = q.codes == zp
-    return float(hits.float().mean()) if isinstance(hits, torch.Tensor) else float(hits.mean())
+def sqnr_db(x, x_hat) -> float:
+    """Signal-to-quantization-noise ratio of ``x_hat`` as an approximation of ``x``, in decibels:
 
+        SQNR = 10 * log10( sum x**2 / sum (x - x_hat)**2 ).
+
+    x, x_hat: NumPy arrays or torch tensors (either, any numeric dtype) of the same shape, not
+    empty, finite; computed in float64. Returns inf when x_hat == x exactly (and -inf when x is
+    all zero but x_hat is not). Every extra bit halves the step, so the noise power falls 4x:
+    +10 * log10(4) = 6.02 dB per bit. The rule of thumb for uniform quantization of a full-scale
+    signal is SQNR = 6.02 * b dB for a uniformly distributed signal (6.02 * b + 1.76 dB for a
+    sine wave); data with outliers or Gaussian tails, whose range is much wider than its typical
+    size, fall below it (the step is set by the range, the signal power by the typical size).
+    Raises TypeError for other types, ValueError for a shape mismatch, empty arrays, NaN or inf.
+    """
+    a, b = _float64_numpy(x, "x"), _float64_numpy(x_hat, "x_hat")
+    if a.shape != b.shape:
+        raise ValueError(f"x and x_hat must have the same shape, got {a.shape} and {b.shape}")
+    if a.size == 0:
+        raise ValueError("sqnr_db needs non-empty arrays")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("sqnr_db needs finite values (no NaN or inf)")
+    signal, noise = float(np.sum(a * a)), float(np.sum((a - b) ** 2))
+    if noise == 0:
+        return float("inf")
+    if signal == 0:
+        return float("-inf")
+    return 10 * float(np.log10(signal / noise))
+
+
+def _float64_numpy(a, name: str) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().to(torch.float64).numpy()
+    if isinstance(a, np.ndarray) and (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        return a.astype(np.float64)
+    raise TypeError(f"{name} must be a numeric NumPy array or torch tensor, got {type(a).__name__}")
+
+
+# -- k-means (codebook) quantization, as in Deep Compression -----------------------------------
+
+@dataclass(frozen=True)
+class CodebookArray:
+    """Codes that index a codebook of centroids (k-means quantization).
+
+    codes: ``uint8``, the shape of the original array, values in 0..2**bits - 1.
+    codebook: ``float32``, shape (2**bits,): the centroids, sorted ascending (unused or duplicate
+        centroids are allowed). bits: 1..8.
+    Arrays are NumPy arrays or torch tensors, as the input to ``kmeans_quantize`` was.
+    """
+    codes: np.ndarray | torch.Tensor
+    codebook: np.ndarray | torch.Tensor
+    bits: int
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of real storage: the codes PACKED at ``bits`` bits each (ceil(n * bits / 8), as
+        ``pack_codes`` stores them; unlike ``QuantizedArray.nbytes``, which counts the uint8 codes
+        held in memory) plus the float32 codebook's 4 * 2**bits bytes."""
+        n = self.codes.size if isinstance(self.codes, np.ndarray) else self.codes.numel()
+        return -(-n * self.bits // 8) + 4 * 2 ** self.bits
+
+    def dequantize(self):
+        """The float32 array ``codebook[codes]`` (NumPy or torch, as the codes are)."""
+        return self.codebook[self.codes.astype(np.intp) if isinstance(self.codes, np.ndarray)
+                             else self.codes.long()]
+
+
+def kmeans_quantize(x, bits: int = 8, iters: int = 30) -> CodebookArray:
+    """Quantize ``x`` (NumPy or torch, float, any shape, at least 1-D) to ``bits``-bit indices into
+    a codebook of 2**bits centroids fitted by 1-D k-means (Lloyd's algorithm) over all its values.
+
+    Initialisation: centroids spaced linearly over [min, max], c_j = min + (max - min) * j / (2**b - 1)
+    (Han et al. found linear initialisation best: it keeps centroids at the rare large weights,
+    and it is deterministic). Each of at most ``iters`` iterations moves every centroid to the mean
+    of the values assigned to it (a centroid with no values stays where it is) and reassigns each
+    value to its nearest centroid (ties to the lower index); it stops early once no assignment
+    changes. Means are taken in float64, the codebook is stored in float32.
+    Same validation as ``quantize``, plus ``iters`` must be an int >= 0.
+    """
+    bits = _check_bits(bits)
+    if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
+        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    t, is_numpy = _float32_input(x, "kmeans_quantize")
+    codes, centroids = _lloyd(t.reshape(-1).to(torch.float64), 2 ** bits, int(iters))
+    codes, codebook = codes.to(torch.uint8).reshape(t.shape), centroids.to(torch.float32)
+    if is_numpy:
+        return CodebookArray(codes.numpy().copy(), codebook.numpy().copy(), bits)
+    return CodebookArray(codes, codebook, bits)
+
+
+def _lloyd(v: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D k-means of the float64 values ``v`` (n,) with ``k`` centroids.
+    Returns (codes int64 (n,), centroids float64 (k,), sorted)."""
+    lo, hi = v.min(), v.max()
+    centroids = lo + (hi - lo) * torch.arange(k, dtype=torch.float64) / max(k - 1, 1)
+    codes = _nearest(v, centroids)
+    for _ in range(iters):
+        counts = torch.bincount(codes, minlength=k)
+        sums = torch.bincount(codes, weights=v, minlength=k)
+        centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)
+        centroids = centroids.sort().values  # in 1-D, means stay in order; this guards rounding
+        new_codes = _nearest(v, centroids)
+        if torch.equal(new_codes, codes):
+            break
+        codes = new_codes
+    return codes, centroids
+
+
+def _nearest(v: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``centroids`` for each value in ``v``: in 1-D the cells are
+    split at the midpoints between neighbours, so this is a binary search, O(n log k), not O(n k).
+    ``bucketize`` counts the midpoints strictly below a value, so a value ON a midpoint goes to the
+    lower centroid."""
+    return torch.bucketize(v, (centroids[1:] + centroids[:-1]) / 2)
+
+
+# -- dense storage of b-bit codes --------------------------------------------------------------
 
 def pack_codes(codes, bits: int) -> np.ndarray:
     """Pack b-bit codes densely: ``bits`` bits per code instead of a whole byte, so two 4-bit
@@ -203,21 +329,57 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     return np.packbits(np.pad(bitplanes, ((0, 0), (8 - bits, 0))), axis=1).reshape(-1)
 
 
-def quantize_state_dict(model: nn.Module, bits: int = 8, per_channel: bool = False) -> dict[str, QuantizedArray]:
+# -- whole models ------------------------------------------------------------------------------
+
+def zero_code_fraction(q: QuantizedArray) -> float:
+    """Fraction of ``q``'s values whose code is the zero point, i.e. that dequantize to exactly 0."""
+    zp = q.zero_point
+    if q.axis is not None:
+        shape = [1] * q.codes.ndim
+        shape[q.axis] = -1
+        zp = zp.reshape(shape)
+    hits = q.codes == zp
+    return float(hits.float().mean()) if isinstance(hits, torch.Tensor) else float(hits.mean())
+
+
+METHODS = ("linear", "symmetric", "kmeans")
+
+
+def _check_method(method: str, per_channel: bool = False) -> str:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if per_channel and method == "kmeans":
+        raise ValueError("k-means quantization here is per tensor (one codebook each): per_channel=True "
+                         "needs method 'linear' or 'symmetric'")
+    return method
+
+
+def quantize_state_dict(model: nn.Module, bits: int = 8, per_channel: bool = False,
+                        method: str = "linear") -> dict[str, QuantizedArray | CodebookArray]:
     """Every floating-point parameter and buffer of ``model``, quantized to ``bits`` bits.
 
+    method: ``"linear"`` (affine min/max, ``quantize``), ``"symmetric"`` (``quantize(...,
+    symmetric=True)``, bits >= 2) or ``"kmeans"`` (``kmeans_quantize``, one codebook per tensor).
     per_channel: one scale per output channel (axis 0) for tensors with 2 or more dimensions
-    (weights); 1-D tensors (biases, BatchNorm) always get one scale per tensor.
+    (weights); 1-D tensors (biases, BatchNorm) always get one scale per tensor. Not with kmeans.
     Integer buffers (e.g. BatchNorm's num_batches_tracked) are left out: they stay as they are.
     """
-    return {name: quantize(t, bits, axis=0 if per_channel and t.ndim >= 2 else None)
+    _check_method(method, per_channel)
+    return {name: _quantize_tensor(t, bits, per_channel, method)
             for name, t in model.state_dict().items() if t.is_floating_point()}
 
 
-def dequantized_model(model: nn.Module, bits: int = 8, per_channel: bool = False) -> nn.Module:
+def _quantize_tensor(t: torch.Tensor, bits: int, per_channel: bool, method: str):
+    if method == "kmeans":
+        return kmeans_quantize(t, bits)
+    return quantize(t, bits, axis=0 if per_channel and t.ndim >= 2 else None, symmetric=method == "symmetric")
+
+
+def dequantized_model(model: nn.Module, bits: int = 8, per_channel: bool = False,
+                      method: str = "linear") -> nn.Module:
     """A copy of ``model`` whose every float parameter is replaced by its quantize-dequantize
     round trip: it computes in float32, with exactly the values b-bit storage can hold."""
-    qsd = quantize_state_dict(model, bits, per_channel)
+    qsd = quantize_state_dict(model, bits, per_channel, method)
     new = copy.deepcopy(model)
     state = new.state_dict()
     state.update({name: dequantize(q).to(state[name].dtype) for name, q in qsd.items()})
@@ -225,21 +387,44 @@ def dequantized_model(model: nn.Module, bits: int = 8, per_channel: bool = False
     return new
 
 
-def save_quantized(model: nn.Module, f, bits: int = 8, per_channel: bool = False) -> None:
-    """Store ``model``'s parameters for real as uint8 codes + float32 scales + uint8 zero points
-    (``torch.save`` of a dict of tensors; ``f`` is a path or a file object)."""
-    qsd = quantize_state_dict(model, bits, per_channel)
-    torch.save({"bits": bits, "per_channel": per_channel,
-                "tensors": {n: {"codes": q.codes, "scale": q.scale, "zero_point": q.zero_point, "axis": q.axis}
-                            for n, q in qsd.items()}}, f)
+# -- files -------------------------------------------------------------------------------------
+
+def save_quantized(model: nn.Module, f, bits: int = 8, per_channel: bool = False,
+                   method: str = "linear") -> None:
+    """Store ``model``'s float parameters and buffers for real, in ``bits`` bits per value.
+
+    ``torch.save`` of a dict of tensors (``f`` is a path or a file object; it loads with
+    ``weights_only=True``). Each tensor's codes are packed with ``pack_codes`` (two 4-bit codes
+    per byte, four 2-bit codes...) with the shape needed to unpack them, plus float32 scales and
+    uint8 zero points (linear, symmetric) or the float32 codebook (kmeans). Integer buffers are
+    not stored: ``load_quantized`` leaves them as the model has them.
+    """
+    qsd = quantize_state_dict(model, bits, per_channel, method)
+    tensors = {}
+    for name, q in qsd.items():
+        d = {"packed": torch.from_numpy(pack_codes(q.codes, q.bits)), "shape": tuple(q.codes.shape)}
+        if isinstance(q, CodebookArray):
+            d["codebook"] = q.codebook
+        else:
+            d.update(scale=q.scale, zero_point=q.zero_point, axis=q.axis)
+        tensors[name] = d
+    torch.save({"format": 2, "bits": bits, "per_channel": per_channel, "method": method,
+                "tensors": tensors}, f)
 
 
 def load_quantized(model: nn.Module, f) -> nn.Module:
-    """Load what ``save_quantized`` stored into ``model`` (dequantizing to float32); returns it."""
+    """Load what ``save_quantized`` stored into ``model`` (dequantizing to float32); returns it.
+    Reads packed files and the older format with one uint8 code per value."""
     saved = torch.load(f, weights_only=True)
-    state = model.state_dict()
+    bits, state = saved["bits"], model.state_dict()
     for name, d in saved["tensors"].items():
-        q = QuantizedArray(d["codes"], d["scale"], d["zero_point"], saved["bits"], d["axis"])
+        if "packed" in d:
+            count = math.prod(d["shape"])
+            codes = torch.from_numpy(unpack_codes(d["packed"].numpy(), bits, count)).reshape(d["shape"])
+        else:
+            codes = d["codes"]
+        q = (CodebookArray(codes, d["codebook"], bits) if "codebook" in d
+             else QuantizedArray(codes, d["scale"], d["zero_point"], bits, d["axis"]))
         state[name] = dequantize(q).to(state[name].dtype)
     model.load_state_dict(state)
     return model

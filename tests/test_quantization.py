@@ -9,9 +9,9 @@ from hypothesis.extra.numpy import arrays
 from torch import nn
 
 from efficientml import MLP
-from efficientml.quantization import (QuantizedArray, dequantize, dequantized_model, dynamic_int8, load_quantized,
-                                      pack_codes, quantize, quantize_state_dict, save_quantized, serialized_size,
-                                      unpack_codes)
+from efficientml.quantization import (CodebookArray, QuantizedArray, dequantize, dequantized_model, dynamic_int8,
+                                      kmeans_quantize, load_quantized, pack_codes, quantize, quantize_state_dict,
+                                      save_quantized, serialized_size, sqnr_db, unpack_codes)
 
 
 def _step(q: QuantizedArray, ndim: int) -> np.ndarray:
@@ -278,3 +278,208 @@ def test_symmetric_rejects_bad_input():
         quantize(np.ones(3, np.float32), 4, symmetric="yes")
     q = quantize(np.zeros(4, np.float32), 4, symmetric=True)
     assert np.all(dequantize(q) == 0)
+
+
+# -- SQNR ---------------------------------------------------------------------------------------
+
+def test_sqnr_by_hand():
+    x = np.array([1.0, 2.0, 3.0, 4.0])
+    x_hat = np.array([1.0, 2.0, 3.0, 5.0])      # signal 1 + 4 + 9 + 16 = 30, noise 1
+    assert sqnr_db(x, x_hat) == pytest.approx(10 * np.log10(30.0), rel=1e-12)
+    assert sqnr_db(torch.tensor(x), x_hat) == sqnr_db(x, torch.tensor(x_hat, dtype=torch.float64))
+    assert sqnr_db(x, x) == float("inf")
+    assert sqnr_db(np.zeros(2), np.ones(2)) == float("-inf")
+    assert sqnr_db(x, 2 * x) == pytest.approx(0.0, abs=1e-12)  # noise x: as loud as the signal
+
+
+def test_sqnr_gains_about_6_db_per_bit_on_uniform_data_and_less_on_gaussian():
+    rng = np.random.default_rng(0)
+    uniform = rng.uniform(-1, 1, 100_000).astype(np.float32)
+    gaussian = rng.normal(size=100_000).astype(np.float32)
+    s = {b: sqnr_db(uniform, dequantize(quantize(uniform, b))) for b in (4, 8)}
+    assert 5.5 <= (s[8] - s[4]) / 4 <= 6.5
+    assert abs(s[8] - 6.02 * 8) < 1.0        # full-scale uniform data: the rule of thumb 6.02 dB/bit
+    g8 = sqnr_db(gaussian, dequantize(quantize(gaussian, 8)))
+    assert g8 < s[8] - 3                     # Gaussian tails stretch the range: below the rule
+
+
+@pytest.mark.parametrize("args, err", [
+    ((np.ones(3), np.ones(4)), ValueError),
+    ((np.ones((2, 3)), np.ones((3, 2))), ValueError),
+    ((np.ones(0), np.ones(0)), ValueError),
+    ((np.array([1.0, np.nan]), np.ones(2)), ValueError),
+    (([1.0, 2.0], np.ones(2)), TypeError),
+    ((np.array(["a", "b"]), np.ones(2)), TypeError),
+])
+def test_sqnr_rejects_bad_input(args, err):
+    with pytest.raises(err):
+        sqnr_db(*args)
+
+
+# -- k-means (codebook) quantization ------------------------------------------------------------
+
+def lloyd_reference(x: np.ndarray, bits: int, iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """Plain NumPy Lloyd's algorithm: linear init over [min, max], nearest centroid (argmin takes the
+    first, i.e. lower, index on ties), each centroid to the mean of its values (an empty one stays),
+    exactly ``iters`` iterations (no early stop: a converged state is a fixed point anyway)."""
+    v, k = x.astype(np.float64).ravel(), 2 ** bits
+    c = v.min() + (v.max() - v.min()) * np.arange(k) / (k - 1)
+    codes = np.argmin(np.abs(v[:, None] - c[None, :]), axis=1)
+    for _ in range(iters):
+        for j in range(k):
+            if (codes == j).any():
+                c[j] = v[codes == j].mean()
+        codes = np.argmin(np.abs(v[:, None] - c[None, :]), axis=1)
+    return codes.reshape(x.shape), c
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("iters", [0, 1, 5, 30])
+def test_kmeans_agrees_with_a_plain_numpy_lloyd(bits, iters):
+    x = np.random.default_rng(bits + 10 * iters).normal(size=(30, 50)).astype(np.float32)
+    q = kmeans_quantize(x, bits, iters=iters)
+    codes, centroids = lloyd_reference(x, bits, iters)
+    assert q.codes.dtype == np.uint8 and q.codes.shape == x.shape
+    assert q.codebook.dtype == np.float32 and q.codebook.shape == (2 ** bits,)
+    np.testing.assert_array_equal(q.codes, codes)
+    np.testing.assert_allclose(q.codebook, centroids.astype(np.float32), rtol=1e-6, atol=0)
+    assert np.all(np.diff(q.codebook) >= 0)
+    np.testing.assert_array_equal(dequantize(q), q.codebook[q.codes])
+
+
+def test_kmeans_ties_go_to_the_lower_centroid():
+    x = np.array([0.0, 1.0, 2.0], dtype=np.float32)  # 1 bit: centroids 0 and 2, and 1 is on their midpoint
+    assert kmeans_quantize(x, 1, iters=0).codes.tolist() == [0, 0, 1]
+    q = kmeans_quantize(x, 1)                          # then means 0.5 and 2: 1 stays with 0
+    assert q.codes.tolist() == [0, 0, 1] and q.codebook.tolist() == [0.5, 2.0]
+    np.testing.assert_array_equal(q.codes, lloyd_reference(x, 1, 30)[0])
+
+
+def test_kmeans_numpy_and_torch_give_the_same_answer():
+    t = torch.randn(64, 20, generator=torch.Generator().manual_seed(0))
+    qt, qn = kmeans_quantize(t, 4), kmeans_quantize(t.numpy(), 4)
+    assert isinstance(qt.codes, torch.Tensor) and isinstance(qt.dequantize(), torch.Tensor)
+    assert isinstance(qn.codes, np.ndarray) and qn.codes.flags.owndata and qn.codebook.flags.owndata
+    np.testing.assert_array_equal(qt.codes.numpy(), qn.codes)
+    np.testing.assert_array_equal(qt.codebook.numpy(), qn.codebook)
+    assert qt.dequantize().dtype == torch.float32
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_kmeans_error_is_at_most_linear_on_gaussian_data(bits):
+    x = np.random.default_rng(bits).normal(size=20_000).astype(np.float32)
+    mse_kmeans = np.mean((dequantize(kmeans_quantize(x, bits)) - x) ** 2)
+    mse_linear = np.mean((dequantize(quantize(x, bits)) - x) ** 2)
+    assert mse_kmeans <= mse_linear
+    if bits <= 4:  # centroids crowd where the values are: far better at few bits
+        assert mse_kmeans < 0.7 * mse_linear
+
+
+@pytest.mark.parametrize("value", [0.0, 3.7, -2.1, 1e-30])
+@pytest.mark.parametrize("bits", [1, 4, 8])
+def test_kmeans_constant_arrays_round_trip_exactly(value, bits):
+    x = np.full((4, 5), value, dtype=np.float32)
+    np.testing.assert_array_equal(kmeans_quantize(x, bits).dequantize(), x)
+
+
+def test_kmeans_with_fewer_distinct_values_than_centroids():
+    x = np.tile(np.array([-1.5, 0.25, 2.0], dtype=np.float32), 40)
+    q = kmeans_quantize(x, 8)
+    assert q.codebook.shape == (256,) and len(np.unique(q.codes)) == 3
+    np.testing.assert_array_equal(q.dequantize(), x)
+
+
+def test_kmeans_nbytes_counts_packed_codes_and_the_codebook():
+    q = kmeans_quantize(np.random.default_rng(0).normal(size=1001).astype(np.float32), 4)
+    assert q.nbytes == 501 + 4 * 16 == len(pack_codes(q.codes, 4)) + q.codebook.nbytes
+    assert kmeans_quantize(torch.randn(10, 10), 2).nbytes == 25 + 16
+
+
+@pytest.mark.parametrize("x, kw, err", [
+    (np.array([], dtype=np.float32), {}, ValueError),
+    (np.array([1.0, np.nan], dtype=np.float32), {}, ValueError),
+    (np.array([1.0, np.inf], dtype=np.float32), {}, ValueError),
+    (np.array([0.0, 1e300]), {}, ValueError),
+    (np.array([1, 2, 3]), {}, TypeError),
+    (torch.tensor([1, 2]), {}, TypeError),
+    ([1.0, 2.0], {}, TypeError),
+    (np.array(2.0, dtype=np.float32), {}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 0}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 9}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"bits": 4.0}, TypeError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"iters": -1}, ValueError),
+    (np.array([1.0, 2.0], dtype=np.float32), {"iters": 2.5}, ValueError),
+])
+def test_kmeans_rejects_bad_input(x, kw, err):
+    with pytest.raises(err):
+        kmeans_quantize(x, **kw)
+
+
+# -- methods and packed files -------------------------------------------------------------------
+
+def _saved(model, **kw) -> io.BytesIO:
+    buf = io.BytesIO()
+    save_quantized(model, buf, **kw)
+    buf.seek(0)
+    return buf
+
+
+@pytest.mark.parametrize("method, per_channel", [("linear", False), ("linear", True), ("symmetric", False),
+                                                 ("symmetric", True), ("kmeans", False)])
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_packed_file_loads_as_the_dequantized_model(method, per_channel, bits):
+    torch.manual_seed(0)
+    model = MLP(784, (256, 128), 10)
+    buf = _saved(model, bits=bits, per_channel=per_channel, method=method)
+    saved = torch.load(buf, weights_only=True)
+    for name, t in model.state_dict().items():  # the codes really take `bits` bits each
+        assert saved["tensors"][name]["packed"].numel() == -(-t.numel() * bits // 8)
+    buf.seek(0)
+    loaded = load_quantized(MLP(784, (256, 128), 10), buf).state_dict()
+    ref = dequantized_model(model, bits, per_channel=per_channel, method=method).state_dict()
+    assert loaded.keys() == ref.keys()
+    for name in ref:
+        assert torch.equal(loaded[name], ref[name]), name
+    qsd = quantize_state_dict(model, bits, per_channel=per_channel, method=method)
+    assert all(isinstance(q, CodebookArray if method == "kmeans" else QuantizedArray) for q in qsd.values())
+
+
+@pytest.mark.parametrize("method", ["linear", "kmeans"])
+def test_packed_files_shrink_with_the_bits(method):
+    torch.manual_seed(0)
+    model = MLP(784, (256, 128), 10)
+    fp32 = serialized_size(model)
+    ratio = {b: fp32 / _saved(model, bits=b, method=method).getbuffer().nbytes for b in (8, 4, 2)}
+    assert ratio[8] > 3.5 and ratio[4] > 7 and ratio[2] > 13
+    assert ratio[8] < 4 and ratio[4] < 8 and ratio[2] < 16  # at most the ratio of the bits
+
+
+def test_files_in_the_unpacked_format_still_load():
+    torch.manual_seed(0)
+    model = MLP(784, (256, 128), 10)
+    qsd = quantize_state_dict(model, 4, per_channel=True)
+    buf = io.BytesIO()  # what save_quantized wrote before codes were packed: one uint8 per code
+    torch.save({"bits": 4, "per_channel": True,
+                "tensors": {n: {"codes": q.codes, "scale": q.scale, "zero_point": q.zero_point, "axis": q.axis}
+                            for n, q in qsd.items()}}, buf)
+    buf.seek(0)
+    loaded = load_quantized(MLP(784, (256, 128), 10), buf).state_dict()
+    ref = dequantized_model(model, 4, per_channel=True).state_dict()
+    assert all(torch.equal(loaded[n], ref[n]) for n in ref)
+
+
+def test_methods_reject_bad_combinations():
+    model = MLP(20, (8,), 3)
+    for fn in (quantize_state_dict, dequantized_model):
+        with pytest.raises(ValueError, match="per tensor"):
+            fn(model, 4, per_channel=True, method="kmeans")
+        with pytest.raises(ValueError, match="method"):
+            fn(model, 4, method="huffman")
+    with pytest.raises(ValueError, match="method"):
+        save_quantized(model, io.BytesIO(), 4, method="log")
+    with pytest.raises(ValueError, match="at least 2 bits"):
+        save_quantized(model, io.BytesIO(), 1, method="symmetric")
+    with pytest.raises(ValueError):
+        save_quantized(model, io.BytesIO(), 9, method="kmeans")
+    with pytest.raises(TypeError):
+        dequantize(np.zeros(3, np.uint8))
