@@ -1,0 +1,88 @@
+"""Chapter 2's quantization-aware training and integer-only inference experiments.
+
+The fp32 MLPs come from ``quantization.quantization_over_seeds`` (one per seed); each is fine-tuned
+through fake quantization (``qat_finetune``) and compared with post-training quantization (PTQ) of
+the same model at the same bit width. ``integer_inference_summary`` runs one MLP in int8 integers.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..qat import IntegerMLP, calibrate, convert_qat, fake_quant_forward, prepare_qat
+from ..quantization import dequantized_model
+from ..train import History, evaluate, fit
+from .core import seed_for, train_loaders
+
+QAT_EPOCHS = 1
+QAT_LR = 0.01      # a fifth of the fp32 training rate: fine-tune near the trained weights
+
+
+def qat_finetune(model: nn.Module, train_loader, test_loader, bits: int, epochs: int = QAT_EPOCHS,
+                 lr: float = QAT_LR, per_channel: bool = False, device=None, progress=None,
+                 desc: str = "qat") -> tuple[nn.Module, History]:
+    """Fine-tune a copy of ``model`` through ``bits``-bit fake quantization of its weights and biases
+    (``prepare_qat``) with ``train.fit`` (SGD), then return (the real quantized model, History): the
+    post-training quantization of the fine-tuned float master weights, ``dequantized_model(...)``,
+    whose forward pass is the fake-quantized one the History's last test accuracy measured."""
+    qat = prepare_qat(model, bits, per_channel)
+    hist = fit(qat, train_loader, test_loader, epochs=epochs, lr=lr, device=device, progress=progress,
+               desc=desc)
+    return dequantized_model(convert_qat(qat), bits, per_channel), hist
+
+
+def qat_over_seeds(models: list[nn.Module], s: dict, bits_list: list[int], epochs: int = QAT_EPOCHS,
+                   lr: float = QAT_LR, per_channel: bool = False, device=None, progress=None) -> list[dict]:
+    """PTQ and QAT test accuracy of the fp32 model of each seed in ``s["seeds"]`` (``models``, in the
+    same order) at each bit width, one dict per seed: ``{"4": {"ptq", "qat", "fp32_finetuned",
+    "ptq_finetuned"}, ...}``. QAT trains ``epochs`` more epochs; so that its gain is not mistaken for
+    the gain of more training, the control fine-tunes the fp32 model just as long at the same ``lr``
+    without fake quantization: "fp32_finetuned" is its accuracy, "ptq_finetuned" its PTQ's.
+    Every fine-tuning run is seeded with its seed, so all see the same batches."""
+    if len(models) != len(s["seeds"]):
+        raise ValueError(f"{len(models)} models for {len(s['seeds'])} seeds")
+    out = []
+    for model, seed in zip(models, s["seeds"]):
+        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+        seed_for(seed, device)
+        control = copy.deepcopy(model)
+        fit(control, train_loader, None, epochs=epochs, lr=lr, device=device, progress=progress,
+            desc=f"fp32-finetune-seed{seed}")
+        control_acc = evaluate(control, test_loader)[1]
+        row = {}
+        for bits in bits_list:
+            seed_for(seed, device)
+            qmodel, _ = qat_finetune(model, train_loader, None, bits, epochs, lr, per_channel, device,
+                                     progress, desc=f"qat-{bits}bit-seed{seed}")
+            row[str(bits)] = {"ptq": evaluate(dequantized_model(model, bits, per_channel), test_loader)[1],
+                              "qat": evaluate(qmodel, test_loader)[1], "fp32_finetuned": control_acc,
+                              "ptq_finetuned": evaluate(dequantized_model(control, bits, per_channel),
+                                                        test_loader)[1]}
+        out.append(row)
+    return out
+
+
+@torch.no_grad()
+def integer_inference_summary(model, train_loader, test_loader, n_batches: int = 10) -> dict:
+    """Run ``model`` (an ``MLP``) in int8 integers (``IntegerMLP``, activation ranges calibrated on
+    ``n_batches`` training batches) and compare it on the test set with fp32 and with the float
+    fake-quant reference: test accuracies, the largest |logit difference| integer vs reference and
+    the fraction of test inputs on which their predicted classes agree."""
+    model = copy.deepcopy(model).cpu().eval()
+    act_absmax = calibrate(model, train_loader, n_batches)
+    int_model = IntegerMLP.from_float(model, act_absmax)
+    correct = {"fp32": 0, "fake_quant": 0, "integer": 0}
+    agree, n, max_diff = 0, 0, 0.0
+    for x, y in test_loader:
+        x, y = x.cpu(), y.cpu()
+        logits = {"fp32": model(x), "fake_quant": fake_quant_forward(model, act_absmax, x),
+                  "integer": int_model(x)}
+        for k, v in logits.items():
+            correct[k] += int((v.argmax(1) == y).sum())
+        agree += int((logits["integer"].argmax(1) == logits["fake_quant"].argmax(1)).sum())
+        max_diff = max(max_diff, (logits["integer"] - logits["fake_quant"]).abs().max().item())
+        n += len(y)
+    return {f"{k}_acc": c / n for k, c in correct.items()} | {
+        "max_logit_diff": max_diff, "agreement": agree / n, "act_absmax": act_absmax}
