@@ -11,13 +11,20 @@ pruned stays pruned.
 
 Importance is magnitude: the L1 norm (sum of ABSOLUTE weights) of a filter for structured
 pruning, |w| for unstructured pruning, as in ``torch.nn.utils.prune.ln_structured(n=1, dim=0)``
-and ``l1_unstructured``.
+and ``l1_unstructured``. N:M (semi-structured) pruning keeps the n largest |w| of every m
+consecutive weights, the pattern (2:4) that NVIDIA's Ampere and later sparse tensor cores run at
+twice the dense throughput.
+
+Pruning functions take one fraction for every layer or a dict {layer name: fraction} (per-layer
+sparsities, e.g. from ``choose_sparsities`` after a ``sensitivity_scan``).
 """
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -83,10 +90,28 @@ class SparseConvNet(ConvNet):
     """
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: float = 1.0,
-                 granularity: str = "filter"):
-        super().__init__(in_channels, num_classes, width)
+                 granularity: str = "filter", channels: list[int] | None = None):
+        super().__init__(in_channels, num_classes, width, channels)
         for block in self.features:
             block[0] = SparseConv2d.from_conv(block[0], granularity)
+
+    @classmethod
+    def from_convnet(cls, convnet: ConvNet, granularity: str = "filter") -> "SparseConvNet":
+        """A SparseConvNet with ``convnet``'s channels and a copy of its weights, BatchNorm
+        statistics and classifier, nothing masked: it computes exactly what ``convnet`` computes
+        (train/eval mode, device and dtype as ``convnet``'s). This is how a trained dense network
+        is pruned after training."""
+        if not isinstance(convnet, ConvNet) or isinstance(convnet, SparseConvNet):
+            raise TypeError(f"from_convnet needs a dense ConvNet, got {type(convnet).__name__} "
+                            "(copy.deepcopy a SparseConvNet instead)")
+        first = convnet.features[0][0]
+        with torch.random.fork_rng(devices=[]):  # the throw-away initialisation must not move the RNG
+            net = cls(first.in_channels, convnet.classifier.out_features, granularity=granularity,
+                      channels=[block[0].out_channels for block in convnet.features])
+        missing, unexpected = net.load_state_dict(convnet.state_dict(), strict=False)
+        if unexpected or any(not k.endswith(".mask") for k in missing):
+            raise ValueError(f"not a ConvNet's state: missing {missing}, unexpected {unexpected}")
+        return net.to(first.weight.device, first.weight.dtype).train(convnet.training)
 
     def forward(self, x):
         for conv, bn, relu in self.features:
@@ -119,34 +144,214 @@ def _prune_smallest(mask: torch.Tensor, scores: torch.Tensor, n_pruned: int) -> 
         flat_mask[torch.topk(scores, n_pruned, largest=False).indices] = 0
 
 
+def _layer_fractions(layers: dict[str, SparseConv2d], prune_percent, granularity: str) -> dict[str, float]:
+    """{layer name: fraction} for one fraction for every layer, or a checked dict of some layers."""
+    if not layers:
+        raise ValueError(f"the network has no {granularity}-granularity SparseConv2d layers to prune")
+    if not isinstance(prune_percent, Mapping):
+        p = _check_percent(prune_percent)
+        return {name: p for name in layers}
+    unknown = [name for name in prune_percent if name not in layers]
+    if unknown:
+        raise ValueError(f"no {granularity}-granularity SparseConv2d named {unknown}; the network's are "
+                         f"{list(layers)}")
+    return {name: _check_percent(p) for name, p in prune_percent.items()}
+
+
 @torch.no_grad()
-def filter_l1_pruning(net: nn.Module, prune_percent: float) -> dict[str, float]:
+def filter_l1_pruning(net: nn.Module, prune_percent: float | Mapping[str, float]) -> dict[str, float]:
     """Structured pruning: in every filter-granularity SparseConv2d of ``net``, mask the filters with
     the smallest L1 norm (sum of |w| over the filter) until ``prune_percent`` of the layer's filters
     are pruned (round(prune_percent * out_channels), as torch.nn.utils.prune counts). Linear layers
-    are never pruned. Returns each layer's fraction of pruned filters."""
-    p = _check_percent(prune_percent)
+    are never pruned. ``prune_percent`` may be a dict {layer name: fraction}: those layers only,
+    each to its own fraction. Returns each layer's fraction of pruned filters."""
     layers = {n: m for n, m in sparse_layers(net).items() if m.granularity == "filter"}
-    if not layers:
-        raise ValueError("the network has no filter-granularity SparseConv2d layers to prune")
-    for m in layers.values():
+    for name, p in _layer_fractions(layers, prune_percent, "filter").items():
+        m = layers[name]
         l1 = m.effective_weight().abs().sum(dim=(1, 2, 3))
         _prune_smallest(m.mask, l1, round(p * m.out_channels))
     return {n: m.sparsity() for n, m in layers.items()}
 
 
 @torch.no_grad()
-def unstructured_pruning(net: nn.Module, prune_percent: float) -> dict[str, float]:
+def unstructured_pruning(net: nn.Module, prune_percent: float | Mapping[str, float]) -> dict[str, float]:
     """Unstructured pruning: in every weight-granularity SparseConv2d of ``net``, mask the
     smallest-magnitude weights until ``prune_percent`` of the layer's weights are pruned
-    (round(prune_percent * numel)). Returns each layer's fraction of pruned weights."""
-    p = _check_percent(prune_percent)
+    (round(prune_percent * numel)). ``prune_percent`` may be a dict {layer name: fraction}: those
+    layers only, each to its own fraction. Returns each layer's fraction of pruned weights."""
     layers = {n: m for n, m in sparse_layers(net).items() if m.granularity == "weight"}
-    if not layers:
-        raise ValueError("the network has no weight-granularity SparseConv2d layers to prune")
-    for m in layers.values():
+    for name, p in _layer_fractions(layers, prune_percent, "weight").items():
+        m = layers[name]
         _prune_smallest(m.mask, m.effective_weight().abs(), round(p * m.weight.numel()))
     return {n: m.sparsity() for n, m in layers.items()}
+
+
+KINDS = {"structured": "filter", "unstructured": "weight"}  # kind of pruning -> SparseConv2d granularity
+
+
+def pruner(kind: str):
+    """The pruning function of ``kind``: ``filter_l1_pruning`` (structured) or
+    ``unstructured_pruning``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {tuple(KINDS)}, got {kind!r}")
+    return filter_l1_pruning if kind == "structured" else unstructured_pruning
+
+
+def overall_sparsity(net: nn.Module) -> float:
+    """Fraction of all SparseConv2d weights of ``net`` that are masked (a pruned filter counts
+    all of its weights): per-layer sparsities weighted by the layers' sizes."""
+    layers = sparse_layers(net).values()
+    if not layers:
+        raise ValueError("the network has no SparseConv2d layers")
+    pruned = sum((m.mask.expand_as(m.weight) == 0).sum().item() for m in layers)
+    return pruned / sum(m.weight.numel() for m in layers)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: nn.Module, loader, device=None) -> nn.Module:
+    """Re-estimate every BatchNorm's running mean and variance of ``net`` in place: reset them, then
+    one pass over ``loader`` (e.g. the training loader) in training mode without gradients, each
+    batch weighted equally (a cumulative average, not the training's moving one). No weight
+    changes. Pruning changes what flows into every later BatchNorm, so the statistics measured on
+    the unpruned net normalise the pruned one wrongly; this fixes that. Returns ``net``."""
+    if device is None:
+        device = next(net.parameters()).device
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        raise ValueError("the network has no BatchNorm layers to recalibrate")
+    was_training, momenta = net.training, [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+    net.train()
+    try:
+        for x, _ in loader:
+            net(x.to(device))
+    finally:
+        for bn, momentum in zip(bns, momenta):
+            bn.momentum = momentum
+        net.train(was_training)
+    return net
+
+
+def _check_n_m(n, m) -> None:
+    if any(isinstance(v, bool) or not isinstance(v, numbers.Integral) for v in (n, m)):
+        raise TypeError(f"n and m must be ints, got {n!r}, {m!r}")
+    if not 1 <= n <= m:
+        raise ValueError(f"N:M sparsity keeps n of every m weights, so 1 <= n <= m; got n={n}, m={m}")
+
+
+def n_m_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """The N:M mask of importance ``scores`` (out, ...), e.g. |w| of a conv weight (out, in, kh, kw):
+    each row flattened along the reduction dimension (in*kh*kw, in PyTorch's order), cut into groups of
+    ``m`` consecutive entries, and in each group the ``n`` highest scores kept (1) and the rest
+    masked (0). A float mask of ``scores``' shape; ValueError if the row length is not a multiple of m."""
+    _check_n_m(n, m)
+    if scores.dim() < 2:
+        raise ValueError(f"scores need an output dimension and a reduction dimension, got shape "
+                         f"{tuple(scores.shape)}")
+    rows = scores.reshape(scores.shape[0], -1)
+    if rows.shape[1] % m:
+        raise ValueError(f"{n}:{m} sparsity needs the reduction length (in*kh*kw = {rows.shape[1]}) "
+                         f"to be a multiple of m={m}")
+    groups = rows.reshape(rows.shape[0], -1, m)                          # (out, in*kh*kw / m, m)
+    keep = torch.zeros_like(groups, dtype=torch.float32)
+    keep.scatter_(-1, torch.topk(groups, n, dim=-1).indices, 1.0)
+    return keep.reshape(scores.shape)
+
+
+@torch.no_grad()
+def n_m_pruning(net: nn.Module, n: int = 2, m: int = 4, skip_indivisible: bool = False) -> dict[str, float]:
+    """Semi-structured N:M pruning: in every weight-granularity SparseConv2d of ``net``, keep the ``n``
+    largest |w| of every ``m`` consecutive weights along the reduction dimension (``n_m_mask``), so
+    every layer ends exactly 1 - n/m sparse (50% for 2:4). Weights pruned before rank lowest and
+    stay pruned. A layer whose in*kh*kw is not a multiple of ``m`` (a 3x3 convolution of one input
+    channel: 9) raises ValueError, or with ``skip_indivisible`` is left as it is. Returns each
+    pruned layer's fraction of pruned weights."""
+    _check_n_m(n, m)
+    layers = {name: mod for name, mod in sparse_layers(net).items() if mod.granularity == "weight"}
+    if not layers:
+        raise ValueError("the network has no weight-granularity SparseConv2d layers to prune")
+    bad = [name for name, mod in layers.items() if mod.weight[0].numel() % m]
+    if bad and not skip_indivisible:  # checked before any layer is pruned
+        raise ValueError(f"{n}:{m} sparsity needs in*kh*kw to be a multiple of {m}; it is not in layers "
+                         f"{bad} (skip_indivisible=True leaves them dense)")
+    layers = {name: mod for name, mod in layers.items() if name not in bad}
+    for mod in layers.values():
+        scores = torch.where(mod.mask == 0, -math.inf, mod.effective_weight().abs().to(torch.float64))
+        mod.mask.mul_(n_m_mask(scores, n, m).to(mod.mask.dtype))
+    return {name: mod.sparsity() for name, mod in layers.items()}
+
+
+def two_four_pruning(net: nn.Module, skip_indivisible: bool = False) -> dict[str, float]:
+    """2:4 sparsity, the pattern of NVIDIA's sparse tensor cores: ``n_m_pruning(net, 2, 4)``."""
+    return n_m_pruning(net, 2, 4, skip_indivisible)
+
+
+def n_m_storage(numel: int, n: int = 2, m: int = 4, dtype: torch.dtype = torch.float16) -> dict:
+    """Bytes to store a weight of ``numel`` entries (a multiple of ``m``) of ``dtype`` with N:M
+    sparsity, in the compressed format of sparse tensor cores: the numel * n/m kept values, plus for
+    each kept value its position in its group of m as a ceil(log2 m)-bit index (2 bits for 2:4).
+
+    2:4 with fp16 values: 2 bytes + 2 bits per kept value, half the values kept, so
+    0.5 * (16 + 2) / 16 = 0.5625 of dense fp16; fp32: 0.5 * (32 + 2) / 32 = 0.53125; int8: 0.625.
+    Returns {"values", "metadata", "total", "dense"} in bytes and "fraction" = total / dense."""
+    _check_n_m(n, m)
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 1 or numel % m:
+        raise ValueError(f"numel must be a positive multiple of m={m}, got {numel!r}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype, got {dtype!r}")
+    kept = numel // m * n
+    values = kept * dtype.itemsize
+    metadata = math.ceil(kept * math.ceil(math.log2(m)) / 8)
+    dense = numel * dtype.itemsize
+    return {"values": values, "metadata": metadata, "total": values + metadata, "dense": dense,
+            "fraction": (values + metadata) / dense}
+
+
+@torch.no_grad()
+def sensitivity_scan(model: nn.Module, test_loader, sparsities, kind: str, calibration_loader=None,
+                     device=None) -> dict[str, dict[float, float]]:
+    """Per-layer sensitivity: the test accuracy of ``model`` with ONE convolution pruned (``kind``
+    "structured" or "unstructured", one-shot, no fine-tuning) to each of ``sparsities``, the others
+    left as they are. With ``calibration_loader`` (e.g. the training loader) every pruned copy, and
+    the unpruned one, has its BatchNorm statistics re-estimated first (``recalibrate_batchnorm``).
+    ``model``, a trained ConvNet (copied with ``SparseConvNet.from_convnet``) or a SparseConvNet of
+    the kind's granularity (copied), is not changed. Returns {layer name: {sparsity: accuracy}},
+    each layer's dict starting at 0.0: the unpruned accuracy."""
+    prune, granularity = pruner(kind), KINDS[kind]
+    sparsities = sorted({0.0, *(_check_percent(p) for p in sparsities)})
+    if isinstance(model, SparseConvNet):
+        if any(m.granularity != granularity for m in sparse_layers(model).values()):
+            raise ValueError(f"{kind} pruning needs {granularity}-granularity layers")
+        base = copy.deepcopy(model)
+    else:
+        base = SparseConvNet.from_convnet(model, granularity)
+
+    def accuracy(layer_fraction: dict[str, float]) -> float:
+        net = copy.deepcopy(base)
+        prune(net, layer_fraction)
+        if calibration_loader is not None:
+            recalibrate_batchnorm(net, calibration_loader, device)
+        return evaluate(net, test_loader, device)[1]
+
+    dense_acc = accuracy({})
+    return {name: {0.0: dense_acc, **{p: accuracy({name: p}) for p in sparsities[1:]}}
+            for name in sparse_layers(base)}
+
+
+def choose_sparsities(scan: dict[str, dict[float, float]], max_drop: float) -> dict[str, float]:
+    """Per layer of a ``sensitivity_scan``, the highest scanned sparsity whose accuracy is at most
+    ``max_drop`` (a fraction: 0.01 is one point) below the unpruned accuracy (the scan's 0.0 entry).
+    The drops of layers pruned together add up (roughly), so the whole net loses more than max_drop."""
+    if isinstance(max_drop, bool) or not isinstance(max_drop, numbers.Real) or not max_drop >= 0:
+        raise ValueError(f"max_drop must be a number >= 0, got {max_drop!r}")
+    chosen = {}
+    for name, accs in scan.items():
+        if 0.0 not in accs:
+            raise ValueError(f"layer {name!r} has no unpruned (0.0) accuracy in the scan")
+        chosen[name] = max(p for p, acc in accs.items() if accs[0.0] - acc <= max_drop)
+    return chosen
 
 
 class PruningSchedule:
@@ -164,11 +369,9 @@ class PruningSchedule:
 
     def __init__(self, kind: str, start: int, every: int, stop: int, step: float = 0.1,
                  evaluate_on=None):
-        if kind not in ("structured", "unstructured"):
-            raise ValueError(f"kind must be 'structured' or 'unstructured', got {kind!r}")
+        self.prune = pruner(kind)
         if not 1 <= start <= stop or every < 1:
             raise ValueError(f"need 1 <= start <= stop and every >= 1, got {start}, {stop}, {every}")
-        self.prune = filter_l1_pruning if kind == "structured" else unstructured_pruning
         self.kind, self.start, self.every, self.stop, self.step = kind, start, every, stop, step
         self.log: list[tuple[int, dict[str, float]]] = []
         self.evaluate_on = evaluate_on

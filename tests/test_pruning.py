@@ -5,8 +5,13 @@ from torch import nn
 
 from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, evaluate, fit, seed_everything
 from efficientml.experiments import EXPERIMENTS
-from efficientml.pruning import (PruningSchedule, SparseConv2d, SparseConvNet, compact, conv_as_matmul,
-                                 filter_l1_pruning, sparse_layers, unstructured_pruning)
+from efficientml.experiments.pruning import (METHODS, _PruneDuring, calibration_batches, gradual_targets,
+                                             plot_sensitivity, plot_sparsity_sweep, sensitivity_vs_uniform,
+                                             sparsity_sweeps, sweep_spreads, sweep_table)
+from efficientml.pruning import (PruningSchedule, SparseConv2d, SparseConvNet, choose_sparsities, compact,
+                                 conv_as_matmul, filter_l1_pruning, n_m_mask, n_m_pruning, n_m_storage,
+                                 overall_sparsity, pruner, recalibrate_batchnorm, sensitivity_scan, sparse_layers,
+                                 two_four_pruning, unstructured_pruning)
 
 
 def _conv(seed=0):
@@ -213,3 +218,301 @@ def test_conv_as_matmul_equals_the_convolution(layout):
     x = torch.randn(3, 8, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(conv_as_matmul(conv, layout)(x), conv(x), atol=1e-5, rtol=1e-5)
+
+
+# --- N:M (2:4) semi-structured sparsity ------------------------------------------------------------
+
+def _n_m_reference(w: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """A plain loop: in each row (output channel) of w, each group of m consecutive entries of the
+    flattened row keeps its n largest |w|."""
+    rows = w.reshape(w.shape[0], -1)
+    keep = torch.zeros_like(rows)
+    for o in range(rows.shape[0]):
+        for g in range(0, rows.shape[1], m):
+            group = [(abs(rows[o, g + j].item()), g + j) for j in range(m)]
+            for _, j in sorted(group, reverse=True)[:n]:
+                keep[o, j] = 1.0
+    return keep.reshape(w.shape)
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 4), (3, 8), (4, 4)])
+def test_n_m_mask_keeps_the_n_largest_of_every_m(n, m):
+    torch.manual_seed(0)
+    w = torch.randn(6, 8, 3, 3)  # in*kh*kw = 72, a multiple of 4 and 8
+    mask = n_m_mask(w.abs(), n, m)
+    assert mask.shape == w.shape
+    assert torch.equal(mask, _n_m_reference(w, n, m))
+    assert (mask.reshape(6, -1, m).sum(-1) == n).all()
+
+
+def test_two_four_pruning_of_a_net():
+    torch.manual_seed(1)
+    net = nn.Sequential(SparseConv2d(4, 8, 3, granularity="weight"), SparseConv2d(8, 8, 1, granularity="weight"),
+                        SparseConv2d(8, 4, 3, granularity="filter"))
+    raw = [m.weight.detach().clone() for m in net[:2]]
+    assert two_four_pruning(net) == {"0": 0.5, "1": 0.5}  # filter-granularity layers are not N:M pruned
+    assert net[2].sparsity() == 0.0
+    for conv, w in zip(net[:2], raw):
+        groups = conv.effective_weight().reshape(conv.out_channels, -1, 4)
+        assert ((groups != 0).sum(-1) == 2).all()  # exactly 2 of every 4 consecutive weights kept
+        assert torch.equal(conv.mask, _n_m_reference(w, 2, 4))  # and they are the 2 largest of their group
+        assert torch.equal(conv.weight, w)  # raw weights untouched
+
+
+def test_n_m_pruning_keeps_what_was_pruned_pruned():
+    torch.manual_seed(2)
+    conv = SparseConv2d(4, 8, 3, granularity="weight")
+    unstructured_pruning(nn.Sequential(conv), 0.3)
+    before = conv.mask.clone()
+    with torch.no_grad():
+        conv.weight.mul_(torch.where(before == 0, 100.0, 1.0))  # pruned raw weights become the largest
+    n_m_pruning(nn.Sequential(conv), 2, 4)
+    assert (conv.mask <= before).all()
+    assert ((conv.mask.reshape(8, -1, 4).sum(-1)) <= 2).all()
+
+
+def test_n_m_pruning_rejects_bad_shapes_and_arguments():
+    net = nn.Sequential(SparseConv2d(4, 8, 3, granularity="weight"), SparseConv2d(1, 4, 3, granularity="weight"))
+    with pytest.raises(ValueError, match="multiple of 4"):  # 1*3*3 = 9 weights per output channel
+        two_four_pruning(net)
+    assert all(m.sparsity() == 0 for m in net)  # checked before anything was pruned
+    assert two_four_pruning(net, skip_indivisible=True) == {"0": 0.5}
+    assert net[1].sparsity() == 0
+    with pytest.raises(ValueError, match="multiple of m"):
+        n_m_mask(torch.randn(4, 9), 2, 4)
+    with pytest.raises(ValueError):
+        n_m_mask(torch.randn(8), 2, 4)
+    for n, m, err in [(0, 4, ValueError), (5, 4, ValueError), (2.0, 4, TypeError), (True, 4, TypeError)]:
+        with pytest.raises(err):
+            n_m_pruning(net, n, m, skip_indivisible=True)
+    with pytest.raises(ValueError, match="no weight-granularity"):
+        two_four_pruning(nn.Sequential(SparseConv2d(4, 4, 3)))
+
+
+def test_n_m_storage_by_hand():
+    r = n_m_storage(1024, 2, 4, torch.float16)  # 512 kept values of 2 bytes, 512 indices of 2 bits
+    assert (r["values"], r["metadata"], r["total"], r["dense"]) == (1024, 128, 1152, 2048)
+    assert r["fraction"] == 0.5625
+    assert n_m_storage(1024, 2, 4, torch.float32)["fraction"] == 0.53125
+    assert n_m_storage(1024, 2, 4, torch.int8)["fraction"] == 0.625
+    assert n_m_storage(1024, 1, 2, torch.float32)["metadata"] == 64  # 1-bit index of 512 kept values
+    for bad in (0, 10, -4, 4.0):
+        with pytest.raises(ValueError):
+            n_m_storage(bad)
+    with pytest.raises(TypeError):
+        n_m_storage(1024, dtype="fp16")
+
+
+# --- pruning a trained ConvNet: per-layer fractions, sensitivity --------------------------------------
+
+def _trained_like_convnet(seed=0, width=0.25, channels=None):
+    """A ConvNet with non-trivial BatchNorm statistics and affine parameters."""
+    torch.manual_seed(seed)
+    net = ConvNet(1, 10, width, channels)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return net
+
+
+def _synthetic_loader(seed=0, n=64, batch=32):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 1, 12, 12, generator=g), torch.randint(0, 10, (n,), generator=g)
+    return [(x[i:i + batch], y[i:i + batch]) for i in range(0, n, batch)]
+
+
+@pytest.mark.parametrize("granularity", ["filter", "weight"])
+def test_from_convnet_computes_exactly_what_the_convnet_computes(granularity):
+    x = torch.randn(8, 1, 12, 12)
+    for dense in (_trained_like_convnet(), _trained_like_convnet(1, channels=[3, 4, 5, 6, 7, 8, 9, 10, 11])):
+        rng = torch.get_rng_state()
+        net = SparseConvNet.from_convnet(dense.eval(), granularity)
+        assert torch.equal(torch.get_rng_state(), rng)  # building it moves no random state
+        assert not net.training and all(m.granularity == granularity for m in sparse_layers(net).values())
+        assert [m.out_channels for m in sparse_layers(net).values()] == [b[0].out_channels for b in dense.features]
+        with torch.no_grad():
+            assert torch.equal(net(x), dense(x))
+            assert torch.equal(net.train()(x), dense.train()(x))  # batch statistics too
+        assert net.features[0][0].weight.data_ptr() != dense.features[0][0].weight.data_ptr()  # a copy
+    with pytest.raises(TypeError):
+        SparseConvNet.from_convnet(SparseConvNet(1, 10, 0.25))
+    with pytest.raises(TypeError):
+        SparseConvNet.from_convnet(nn.Sequential(nn.Conv2d(1, 4, 3)))
+
+
+@pytest.mark.parametrize("kind", ["structured", "unstructured"])
+def test_per_layer_fractions_prune_only_the_named_layers(kind):
+    granularity = "filter" if kind == "structured" else "weight"
+    net = SparseConvNet.from_convnet(_trained_like_convnet(), granularity)
+    alone = SparseConv2d.from_conv(net.features[2][0], granularity)
+    result = pruner(kind)(net, {"features.2.0": 0.5, "features.5.0": 0.25})
+    pruner(kind)(nn.Sequential(alone), 0.5)
+    assert torch.equal(net.features[2][0].mask, alone.mask)  # the same entries as pruning that layer alone
+    layers = sparse_layers(net)
+    assert set(result) == set(layers) and result["features.2.0"] == 0.5
+    assert result["features.5.0"] == pytest.approx(round(0.25 * layers["features.5.0"].mask.numel())
+                                                   / layers["features.5.0"].mask.numel())
+    assert all(result[n] == 0 for n in layers if n not in ("features.2.0", "features.5.0"))
+    expected = sum(result[n] * m.weight.numel() for n, m in layers.items()) / sum(m.weight.numel()
+                                                                                for m in layers.values())
+    assert overall_sparsity(net) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("bad, err", [({"features.0.0": 1.5}, ValueError), ({"features.0.0": -0.1}, ValueError),
+                                      ({"features.0.0": "0.5"}, TypeError), ({"nope": 0.5}, ValueError),
+                                      ({"classifier": 0.5}, ValueError)])
+def test_bad_per_layer_fractions_rejected(bad, err):
+    for granularity, prune in (("filter", filter_l1_pruning), ("weight", unstructured_pruning)):
+        net = SparseConvNet(1, 10, 0.25, granularity)
+        with pytest.raises(err):
+            prune(net, bad)
+        assert overall_sparsity(net) == 0
+    with pytest.raises(ValueError, match="no filter-granularity SparseConv2d named"):
+        filter_l1_pruning(nn.Sequential(SparseConv2d(3, 4, 3), SparseConv2d(4, 4, 3, granularity="weight")),
+                          {"1": 0.5})  # a weight-granularity layer is not a filter one
+    with pytest.raises(ValueError, match="kind"):
+        pruner("random")
+
+
+def test_recalibrate_batchnorm_averages_the_batches_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3, momentum=0.3)).eval()
+    loader = [(torch.randn(4, 2, 5, 5) * (i + 1) + i, torch.zeros(4)) for i in range(3)]
+    weights = {k: v.clone() for k, v in net.state_dict().items() if "running" not in k and "num_batches" not in k}
+    recalibrate_batchnorm(net, loader)
+    with torch.no_grad():
+        outs = [net[0](x) for x, _ in loader]  # (B, 3, 5, 5) per batch
+    mean = torch.stack([o.mean(dim=(0, 2, 3)) for o in outs]).mean(0)
+    var = torch.stack([o.transpose(0, 1).reshape(3, -1).var(dim=1) for o in outs]).mean(0)  # unbiased, as BN
+    torch.testing.assert_close(net[1].running_mean, mean)
+    torch.testing.assert_close(net[1].running_var, var)
+    assert net[1].momentum == 0.3 and not net.training  # momentum and mode restored
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in weights.items())  # no weight changed
+    with pytest.raises(ValueError):
+        recalibrate_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 1)), loader)
+
+
+@pytest.mark.parametrize("kind, recalibrate", [("structured", False), ("unstructured", True)])
+def test_sensitivity_scan_prunes_one_layer_at_a_time(kind, recalibrate):
+    model, test = _trained_like_convnet().eval(), _synthetic_loader(0)
+    calib = _synthetic_loader(1) if recalibrate else None
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    scan = sensitivity_scan(model, test, [0.5, 0.25], kind, calib)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # the model is not changed
+    names = list(sparse_layers(SparseConvNet(1, 10, 0.25)))
+    assert list(scan) == names and all(list(accs) == [0.0, 0.25, 0.5] for accs in scan.values())
+    granularity = "filter" if kind == "structured" else "weight"
+    for name in (names[0], names[-1]):  # the reference: a fresh copy with that layer alone pruned
+        for p in (0.0, 0.5):
+            net = SparseConvNet.from_convnet(model, granularity)
+            pruner(kind)(net, {name: p})
+            if recalibrate:
+                recalibrate_batchnorm(net, calib)
+            assert scan[name][p] == evaluate(net, test)[1]
+    with pytest.raises(ValueError):
+        sensitivity_scan(model, test, [0.5], "random")
+    with pytest.raises(ValueError):
+        sensitivity_scan(model, test, [1.5], kind)
+    with pytest.raises(ValueError):  # a SparseConvNet of the other granularity
+        sensitivity_scan(SparseConvNet(1, 10, 0.25, "weight"), test, [0.5], "structured")
+
+
+def test_choose_sparsities_by_hand():
+    scan = {"a": {0.0: 0.80, 0.3: 0.79, 0.5: 0.75, 0.7: 0.50},
+            "b": {0.0: 0.80, 0.3: 0.70, 0.5: 0.60},
+            "c": {0.0: 0.80, 0.3: 0.70, 0.5: 0.795}}  # not monotone: the highest sparsity within the drop
+    assert choose_sparsities(scan, 0.02) == {"a": 0.3, "b": 0.0, "c": 0.5}
+    assert choose_sparsities(scan, 0.06) == {"a": 0.5, "b": 0.0, "c": 0.5}
+    assert choose_sparsities(scan, 1.0) == {"a": 0.7, "b": 0.5, "c": 0.5}
+    for bad in (-0.01, float("nan"), "0.1"):
+        with pytest.raises(ValueError):
+            choose_sparsities(scan, bad)
+    with pytest.raises(ValueError, match="unpruned"):
+        choose_sparsities({"a": {0.3: 0.8}}, 0.01)
+
+
+# --- pruning after training: the experiment helpers ---------------------------------------------------
+
+def test_gradual_targets_and_pruning_during_training():
+    assert gradual_targets(0.6, 3, 12) == {0: 0.2, 4: 0.4, 8: 0.6}
+    assert gradual_targets(0.5, 1, 12) == {0: 0.5}
+    with pytest.raises(ValueError):
+        gradual_targets(0.5, 13, 12)
+    seen, handed_out = [], [0]
+    loader = _PruneDuring([(i, None) for i in range(4)], None, lambda net, p: seen.append((handed_out[0], p)),
+                          {0: 0.1, 3: 0.2, 6: 0.3})
+    assert len(loader) == 4
+    for epoch in range(2):  # as fit iterates: set_epoch, then the batches
+        loader.set_epoch(epoch)
+        for i, (x, _) in enumerate(loader):
+            assert x == i
+            handed_out[0] += 1
+    # each pruning happens before its iteration's batch is handed out (iterations counted over epochs)
+    assert seen == [(0, 0.1), (3, 0.2), (6, 0.3)]
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep_settings(data_dir):
+    return EXPERIMENTS["pruning"].settings["quick"] | dict(n_per_class=5, test_per_class=5, width=0.25,
+                                                          batch_size=25, seeds=[0, 1], profile="quick")
+
+
+def test_sparsity_sweep_on_a_tiny_setting(tiny_sweep_settings):
+    s = tiny_sweep_settings
+    baselines = [_trained_like_convnet(seed) for seed in s["seeds"]]
+    state = {k: v.clone() for k, v in baselines[0].state_dict().items()}
+    sweeps = sparsity_sweeps(baselines, s, sparsities=(0.3, 0.6), finetune_sparsities=(0.6,), epochs=2, steps=2,
+                             device="cpu", progress=False)
+    assert all(torch.equal(v, baselines[0].state_dict()[k]) for k, v in state.items())
+    assert len(sweeps) == 2
+    for w in sweeps:
+        assert set(w) == {"dense", "structured", "unstructured"}
+        for kind in ("structured", "unstructured"):
+            assert list(w[kind]) == list(METHODS)
+            assert list(w[kind]["one-shot"]) == list(w[kind]["one-shot + BN recalibration"]) == [0.3, 0.6]
+            assert list(w[kind]["one-shot + fine-tune"]) == list(w[kind]["gradual + fine-tune"]) == [0.6]
+            assert all(0 <= a <= 1 for accs in w[kind].values() for a in accs.values())
+    from efficientml.experiments import train_loaders
+    train_loader, test_loader, _ = train_loaders(s | {"seed": 1}, "cpu")
+    calib = calibration_batches(train_loader, 4)
+    assert len(calib) == 2 and torch.equal(calib[1][0], list(train_loader)[1][0])  # 50 images: 2 batches
+    net = SparseConvNet.from_convnet(baselines[1], "weight")
+    unstructured_pruning(net, 0.3)
+    assert sweeps[1]["unstructured"]["one-shot"][0.3] == evaluate(net, test_loader)[1]
+    recalibrate_batchnorm(net, calib)
+    assert sweeps[1]["unstructured"]["one-shot + BN recalibration"][0.3] == evaluate(net, test_loader)[1]
+    with pytest.raises(ValueError):
+        calibration_batches(train_loader, 0)
+    sp = sweep_spreads(sweeps)
+    assert sp["unstructured"]["one-shot"][0.3].values == tuple(w["unstructured"]["one-shot"][0.3] for w in sweeps)
+    table = sweep_table(sweeps)
+    assert len(table.splitlines()) == 2 + 1 + 2 * 2 and "gradual + fine-tune" in table  # header, unpruned, 2x2
+    import matplotlib
+    matplotlib.use("Agg")
+    ax = plot_sparsity_sweep(sweeps)
+    assert len(ax.containers) == 2 * 4  # one errorbar series per kind and method
+    with pytest.raises(ValueError):
+        sparsity_sweeps(baselines, s, sparsities=(0.3,), finetune_sparsities=(0.6,))
+    with pytest.raises(ValueError):
+        sparsity_sweeps(baselines * 2, s)
+
+
+def test_sensitivity_vs_uniform_matches_the_overall_sparsity(tiny_sweep_settings):
+    s = tiny_sweep_settings
+    baselines = [_trained_like_convnet(seed) for seed in s["seeds"]]
+    names = list(sparse_layers(SparseConvNet(1, 10, 0.25)))
+    scans = [{n: {0.0: 0.5, 0.5: 0.5 if i % 2 else 0.1, 0.9: 0.1} for i, n in enumerate(names)}] * 2
+    out = sensitivity_vs_uniform(baselines, s, scans, 0.01, "unstructured")
+    for r in out:
+        assert r["chosen"] == {n: 0.5 if i % 2 else 0.0 for i, n in enumerate(names)}
+        assert r["overall"]["uniform"] == pytest.approx(r["overall"]["sensitivity"], abs=0.01)
+        assert 0 <= r["sensitivity"] <= 1 and 0 <= r["uniform"] <= 1
+    import matplotlib
+    matplotlib.use("Agg")
+    assert len(plot_sensitivity(scans).get_lines()) == len(names)
+    with pytest.raises(ValueError):
+        sensitivity_vs_uniform(baselines, s, scans[:1], 0.01)

@@ -1,17 +1,23 @@
-"""Chapter 3's experiments: the ConvNet pruned structurally and unstructurally on a schedule."""
+"""Chapter 3's experiments: the ConvNet pruned structurally and unstructurally on a schedule; its
+trained baselines pruned after training (one-shot or gradually, with and without fine-tuning), and
+per-layer sensitivity scans."""
 from __future__ import annotations
 
+import copy
 import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from ..models import ConvNet
-from ..pruning import PruningSchedule, SparseConvNet
-from ..seeds import SEEDS, spread
-from ..train import History
-from .core import register, train_loaders
+from ..plots import markdown_table
+from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities, overall_sparsity, pruner,
+                       recalibrate_batchnorm, sensitivity_scan)
+from ..seeds import SEEDS, Spread, spread
+from ..train import History, evaluate, fit
+from .core import register, seed_for, train_loaders
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, train_convnet
 
 PRUNING_NAMES = ("baseline", "structured", "unstructured")
@@ -127,3 +133,242 @@ def final_of_result(result: dict | None, name: str, key: str = "test_acc"):
         return None
     hs = result["results"]["runs"][name]
     return spread(h[key][-1] for h in (hs if isinstance(hs, list) else [hs]))
+
+
+# Pruning after training: the chapter's trained baselines (one per seed) pruned to each sparsity, their
+# BatchNorm statistics re-estimated, and fine-tuned at a small constant learning rate on the
+# baseline's own training loader.
+METHODS = ("one-shot", "one-shot + BN recalibration", "one-shot + fine-tune", "gradual + fine-tune")
+CALIBRATION_BATCHES = 4  # training batches (of 128) that re-estimate BatchNorm statistics after pruning
+
+
+def calibration_batches(train_loader, n: int = CALIBRATION_BATCHES) -> list:
+    """The first ``n`` batches of ``train_loader`` (its current epoch), kept as a list so that every
+    ``recalibrate_batchnorm`` of an experiment sees the same images."""
+    if n < 1:
+        raise ValueError(f"need at least one calibration batch, got {n}")
+    return list(itertools.islice(train_loader, n))
+
+
+class _PruneDuring:
+    """A training loader that prunes ``net`` to ``targets[i]`` just before iteration ``i`` (counted
+    over all epochs from 0) is drawn: a gradual pruning schedule at the granularity of iterations."""
+
+    def __init__(self, loader, net: nn.Module, prune, targets: dict[int, float]):
+        self.loader, self.net, self.prune, self.targets, self.epoch = loader, net, prune, targets, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(epoch)
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            target = self.targets.get(self.epoch * len(self.loader) + i)
+            if target is not None:
+                self.prune(self.net, target)
+            yield batch
+
+
+def gradual_targets(sparsity: float, steps: int, iterations: int) -> dict[int, float]:
+    """{iteration: target}: ``steps`` equal pruning steps (sparsity/steps, 2 sparsity/steps, ...,
+    sparsity) at iterations 0, iterations/steps, ... (rounded), so that each step is followed by an
+    equal share of the ``iterations`` of fine-tuning."""
+    if not 1 <= steps <= iterations:
+        raise ValueError(f"need 1 <= steps <= iterations, got steps={steps}, iterations={iterations}")
+    return {round(j * iterations / steps): round(sparsity * (j + 1) / steps, 10) for j in range(steps)}
+
+
+def finetune(net: nn.Module, s: dict, train_loader, epochs: int, lr: float, device=None, progress=None,
+             kind: str | None = None, sparsity: float | None = None, steps: int = 1) -> nn.Module:
+    """Fine-tune ``net`` in place for ``epochs`` epochs with SGD at the constant ``lr`` (momentum and
+    weight decay of ``s``); masks keep pruned weights at zero. With ``kind`` and ``sparsity``, the
+    net is first pruned gradually: ``steps`` equal steps up to ``sparsity``, spread evenly over the
+    fine-tuning (``gradual_targets``). Seeded by ``s["seed"]``; returns ``net``."""
+    seed_for(s["seed"], device)
+    if kind is not None:
+        targets = gradual_targets(sparsity, steps, epochs * len(train_loader))
+        train_loader = _PruneDuring(train_loader, net, pruner(kind), targets)
+    fit(net, train_loader, None, epochs=epochs, lr=lr, momentum=s["momentum"],
+        weight_decay=s["weight_decay"], device=device, progress=progress, desc="fine-tune")
+    return net
+
+
+def sparsity_sweep(baseline: ConvNet, s: dict, sparsities=(0.3, 0.5, 0.7, 0.9),
+                   kinds=("structured", "unstructured"), epochs: int = 1, steps: int = 2, lr: float = 0.01,
+                   finetune_sparsities=None, calibration: int = CALIBRATION_BATCHES, device=None,
+                   progress=None) -> dict:
+    """One seed's trained ``baseline`` (left unchanged) pruned after training to each of ``sparsities``,
+    structurally and unstructurally, four ways (``METHODS``):
+
+    - ``one-shot``: pruned at once, evaluated as it is;
+    - ``one-shot + BN recalibration``: then ``recalibrate_batchnorm`` on ``calibration`` batches of
+      the training loader (``calibration_batches``; no weight changes);
+    - ``one-shot + fine-tune``: then ``epochs`` epochs of ``finetune`` at ``lr``;
+    - ``gradual + fine-tune``: ``steps`` equal pruning steps spread over the same ``epochs`` of
+      fine-tuning (the same budget).
+
+    Both fine-tuned nets are recalibrated before evaluation too: the running statistics that
+    training keeps (a moving average, momentum 0.1) still remember the unpruned net after an epoch.
+    The fine-tuned methods run at ``finetune_sparsities`` only (default: all). ``s`` are the
+    baseline's settings with its ``seed``, whose training loader the fine-tuning uses.
+    Returns {"dense": test accuracy, kind: {method: {sparsity: test accuracy}}}."""
+    finetune_sparsities = sparsities if finetune_sparsities is None else finetune_sparsities
+    if not set(finetune_sparsities) <= set(sparsities):
+        raise ValueError(f"finetune_sparsities {finetune_sparsities} must be among sparsities {sparsities}")
+    train_loader, test_loader, _ = train_loaders(s, device)
+    calib = calibration_batches(train_loader, calibration)
+
+    def recalibrated_accuracy(net):
+        return evaluate(recalibrate_batchnorm(net, calib), test_loader)[1]
+
+    out = {"dense": evaluate(baseline, test_loader)[1]}
+    for kind in kinds:
+        prune, base = pruner(kind), SparseConvNet.from_convnet(baseline, KINDS[kind])
+        out[kind] = acc = {method: {} for method in METHODS}
+        for p in sparsities:
+            net = copy.deepcopy(base)
+            prune(net, p)
+            acc["one-shot"][p] = evaluate(net, test_loader)[1]
+            acc["one-shot + BN recalibration"][p] = recalibrated_accuracy(net)
+            if p not in finetune_sparsities:
+                continue
+            acc["one-shot + fine-tune"][p] = recalibrated_accuracy(
+                finetune(net, s, train_loader, epochs, lr, device, progress))
+            acc["gradual + fine-tune"][p] = recalibrated_accuracy(
+                finetune(copy.deepcopy(base), s, train_loader, epochs, lr, device, progress, kind, p, steps))
+    return out
+
+
+def sparsity_sweeps(baselines: list[ConvNet], s: dict, **kwargs) -> list[dict]:
+    """``sparsity_sweep`` of each seed's baseline (``baselines[i]`` trained with seed
+    ``s["seeds"][i]``, e.g. ``[r.model for r in runs["baseline"]]``); keyword arguments as there."""
+    if len(baselines) > len(s["seeds"]):
+        raise ValueError(f"{len(baselines)} baselines but only seeds {s['seeds']}")
+    return [sparsity_sweep(m, s | {"seed": seed}, **kwargs) for m, seed in zip(baselines, s["seeds"])]
+
+
+def sweep_spreads(sweeps: list[dict]) -> dict:
+    """The ``Spread`` over seeds of every entry of a list of ``sparsity_sweep`` results:
+    {"dense": Spread, kind: {method: {sparsity: Spread}}}."""
+    kinds = [k for k in sweeps[0] if k != "dense"]
+    return {"dense": spread(w["dense"] for w in sweeps),
+            **{kind: {method: {p: spread(w[kind][method][p] for w in sweeps) for p in accs}
+                      for method, accs in sweeps[0][kind].items()} for kind in kinds}}
+
+
+def sweep_table(sweeps: list[dict]) -> str:
+    """Markdown table: test accuracy (mean ± std over seeds) per kind and sparsity, one column per
+    method; an empty cell where a method did not run."""
+    sp = sweep_spreads(sweeps)
+    rows = [["unpruned", "0%", *[sp["dense"].pct()] * len(METHODS)]]
+    for kind in (k for k in sp if k != "dense"):
+        for p in sp[kind]["one-shot"]:
+            rows.append([kind, f"{p:.0%}", *[sp[kind][m][p].pct() if p in sp[kind][m] else None
+                                             for m in METHODS]])
+    return markdown_table(rows, ["pruning", "sparsity", *METHODS])
+
+
+def plot_sparsity_sweep(sweeps: list[dict], ax=None, kinds=None, title: str | None = None):
+    """Test accuracy against sparsity: one color per method, solid lines and squares for structured,
+    dashed lines and circles for unstructured pruning (``kinds``: which to draw, default all); the
+    mean over seeds with a bar from the lowest to the highest seed; the unpruned baseline's mean as
+    a gray line."""
+    import matplotlib.pyplot as plt
+    import numpy as np
+    ax = ax or plt.subplots(figsize=(7.5, 4.5))[1]
+    sp = sweep_spreads(sweeps)
+    kinds = [k for k in sp if k != "dense"] if kinds is None else kinds
+    styles = {"structured": ("-", "s"), "unstructured": ("--", "o")}
+    for i, method in enumerate(METHODS):
+        for j, kind in enumerate(kinds):
+            accs = sp[kind][method]
+            if not accs:
+                continue
+            x = np.array([100 * p for p in accs]) + 0.6 * (i - 1.5)  # side by side, bars apart
+            mean = np.array([100 * a.mean for a in accs.values()])
+            yerr = np.maximum(0, [mean - [100 * a.min for a in accs.values()],
+                                  [100 * a.max for a in accs.values()] - mean])
+            ls, marker = styles.get(kind, (":", "^"))
+            ax.errorbar(x, mean, yerr=yerr, ls=ls, marker=marker, ms=4, capsize=2, lw=1.2, color=f"C{i}",
+                        label=f"{kind}, {method}")
+    ax.axhline(100 * sp["dense"].mean, color="gray", lw=1, label="unpruned")
+    ax.set(xlabel="sparsity (% of filters or weights pruned per conv layer)", ylabel="test accuracy (%)",
+           title=title or f"pruning a trained ConvNet ({len(sweeps)} seeds, mean and min..max)")
+    ax.legend(fontsize="x-small")
+    return ax
+
+
+def sensitivity_scans(baselines: list[ConvNet], s: dict, sparsities=(0.3, 0.5, 0.7, 0.9),
+                      kind: str = "unstructured", calibration: int | None = CALIBRATION_BATCHES,
+                      device=None) -> list[dict]:
+    """``sensitivity_scan`` of each seed's baseline on its own test set, BatchNorm statistics
+    re-estimated after each pruning on ``calibration`` batches of its training loader (None: not
+    re-estimated): [{layer: {sparsity: acc}}]."""
+    if len(baselines) > len(s["seeds"]):
+        raise ValueError(f"{len(baselines)} baselines but only seeds {s['seeds']}")
+    scans = []
+    for model, seed in zip(baselines, s["seeds"]):
+        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+        calib = None if calibration is None else calibration_batches(train_loader, calibration)
+        scans.append(sensitivity_scan(model, test_loader, sparsities, kind, calib, device))
+    return scans
+
+
+def mean_scan(scans: list[dict]) -> dict:
+    """The accuracy at every (layer, sparsity) of several ``sensitivity_scan`` results, averaged."""
+    return {name: {p: sum(sc[name][p] for sc in scans) / len(scans) for p in accs}
+            for name, accs in scans[0].items()}
+
+
+def plot_sensitivity(scans, ax=None, kind: str | None = None):
+    """Test accuracy against the sparsity of ONE layer, the others unpruned: one line per layer (dark
+    to light from input to output), the mean over the scans of a list (one per seed) or one scan."""
+    import matplotlib.pyplot as plt
+    scans = [scans] if isinstance(scans, dict) else list(scans)
+    ax = ax or plt.subplots(figsize=(7, 4.2))[1]
+    scan = mean_scan(scans)
+    cmap = plt.get_cmap("viridis")
+    for i, (name, accs) in enumerate(scan.items()):
+        ax.plot([100 * p for p in accs], [100 * a for a in accs.values()], marker=".",
+                color=cmap(i / max(1, len(scan) - 1)), label=name)
+    ax.set(xlabel="sparsity of the one pruned layer (%)", ylabel="test accuracy (%)",
+           title=f"per-layer sensitivity{f' ({kind})' if kind else ''}, one-shot, "
+                 f"mean of {len(scans)} scan{'s' * (len(scans) > 1)}")
+    ax.legend(fontsize="small", ncol=2)
+    return ax
+
+
+def sensitivity_vs_uniform(baselines: list[ConvNet], s: dict, scans: list[dict], max_drop: float,
+                           kind: str = "unstructured", epochs: int = 0, lr: float = 0.01,
+                           calibration: int = CALIBRATION_BATCHES, device=None, progress=None) -> list[dict]:
+    """Per seed: its baseline pruned one-shot to the per-layer sparsities ``choose_sparsities`` picks
+    from its own scan (``scans[i]``) with ``max_drop``, against the same baseline pruned uniformly
+    (every layer the same fraction) to the same overall sparsity (fraction of conv weights masked);
+    each then fine-tuned ``epochs`` epochs (0: none) and evaluated after ``recalibrate_batchnorm`` on
+    ``calibration`` training batches.
+    Returns per seed {"chosen": {layer: sparsity}, "overall": {"sensitivity": ..., "uniform": ...},
+    "sensitivity": test accuracy, "uniform": test accuracy}."""
+    if not len(baselines) == len(scans) <= len(s["seeds"]):
+        raise ValueError(f"need one scan per baseline and a seed for each; got {len(baselines)} baselines, "
+                         f"{len(scans)} scans, seeds {s['seeds']}")
+    prune, out = pruner(kind), []
+    for model, scan, seed in zip(baselines, scans, s["seeds"]):
+        ss = s | {"seed": seed}
+        train_loader, test_loader, _ = train_loaders(ss, device)
+        calib = calibration_batches(train_loader, calibration)
+        chosen = choose_sparsities(scan, max_drop)
+        nets = {"sensitivity": SparseConvNet.from_convnet(model, KINDS[kind]),
+                "uniform": SparseConvNet.from_convnet(model, KINDS[kind])}
+        prune(nets["sensitivity"], chosen)
+        prune(nets["uniform"], overall_sparsity(nets["sensitivity"]))
+        r = {"chosen": chosen, "overall": {k: overall_sparsity(n) for k, n in nets.items()}}
+        for name, net in nets.items():
+            if epochs:
+                finetune(net, ss, train_loader, epochs, lr, device, progress)
+            r[name] = evaluate(recalibrate_batchnorm(net, calib), test_loader)[1]
+        out.append(r)
+    return out
