@@ -93,11 +93,32 @@ class History:
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def make_optimizer(params: Iterable[nn.Parameter], name: str = "sgd", lr: float = 0.1,
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The trainable parameters of ``model`` as two optimizer groups, decayed as nanoGPT (after
+    GPT-2) decays them: tensors of 2 or more dimensions (matmul weights, embeddings, convolution
+    kernels) with ``weight_decay``; the rest (biases, LayerNorm and BatchNorm gains and shifts),
+    whose size is no measure of a model's complexity, with none. Groups are ``{"params": [...],
+    "weight_decay": float}`` for ``make_optimizer`` or any torch optimizer; an empty group is
+    left out, and a parameter shared by several modules appears once."""
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = "sgd", lr: float = 0.1,
                    momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
-    """SGD with momentum (the default), Adam or AdamW over ``params``."""
+    """SGD with momentum (the default), Adam or AdamW over ``params``: parameters, or parameter
+    groups (dicts with a ``"params"`` list, e.g. from ``param_groups``), whose own settings
+    override ``lr``, ``momentum`` and ``weight_decay`` for their parameters."""
     params = list(params)
-    if not params:
+    if any(isinstance(g, dict) for g in params):
+        if not all(isinstance(g, dict) and "params" in g for g in params):
+            raise TypeError("params must be all parameters or all groups (dicts with a 'params' list)")
+        params = [g | {"params": list(g["params"])} for g in params]
+    if not sum(len(g["params"]) if isinstance(g, dict) else 1 for g in params):
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
@@ -186,6 +207,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         optimizer: str | torch.optim.Optimizer = "sgd", momentum: float = 0.9,
         weight_decay: float = 5e-4, scheduler: str = "none", milestones: Iterable[int] | None = None,
         gamma: float = 0.1, warmup: int = 0, clip_grad_norm: float | None = None,
+        decay_2d_only: bool = False,
         callback: Callable[[int, nn.Module, History], None] | None = None,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
         progress: bool | None = None, desc: str = "fit") -> History:
@@ -193,6 +215,9 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
 
     optimizer: ``"sgd"`` (momentum and weight decay as given), ``"adam"``, ``"adamw"``, built over
         the parameters that require gradients; or a ready optimizer, used as it is.
+    decay_2d_only: if True, ``weight_decay`` applies only to parameters of 2 or more dimensions,
+        not to biases and normalisation gains (``param_groups``, as nanoGPT); the default, False,
+        decays every trained parameter. Only for an optimizer that ``fit`` builds.
     scheduler: ``"none"``, ``"multistep"`` (with ``milestones`` and ``gamma``) or ``"cosine"``,
         stepped once per epoch; or ``"warmup-cosine"`` (``warmup`` iterations), stepped per iteration.
     clip_grad_norm: if given, gradients are rescaled so that their global L2 norm is at most this.
@@ -211,8 +236,15 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     device = select_device(device)
     model.to(device)
-    opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
-        (p for p in model.parameters() if p.requires_grad), optimizer, lr, momentum, weight_decay)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        if decay_2d_only:
+            raise ValueError("decay_2d_only applies to an optimizer that fit builds, not a ready one: "
+                             "build it over param_groups(model, weight_decay) instead")
+        opt = optimizer
+    else:
+        params = (param_groups(model, weight_decay) if decay_2d_only
+                  else (p for p in model.parameters() if p.requires_grad))
+        opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
     sched = make_scheduler(opt, scheduler, epochs, milestones, gamma, warmup, max(1, epochs * len(train_loader)))
     per_iteration = scheduler == "warmup-cosine"
     history, start = History(), 0

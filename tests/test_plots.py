@@ -4,7 +4,9 @@ import pytest
 
 matplotlib.use("Agg")
 
-from efficientml.plots import moving_average, plot_accuracy, plot_history, plot_loss
+from matplotlib.lines import STEP_LOOKUP_MAP
+
+from efficientml.plots import moving_average, plot_accuracy, plot_history, plot_loss, plot_lr
 from efficientml.train import History
 
 
@@ -44,3 +46,17 @@ def test_standard_figures_draw_every_run():
     assert len(fig.axes) == 2
     with pytest.raises(ValueError):
         plot_accuracy(h, "validation")
+
+
+def test_lr_panel_changes_rate_at_the_epoch_boundaries():
+    """Epoch e (1-based) trains at lr[e - 1] from x = e - 1 to x = e: a MultiStep drop before
+    epoch 3 must be drawn at x = 2, the start of epoch 3, not half an epoch off."""
+    h = History(lr=[0.1, 0.1, 0.01, 0.001])
+    line = plot_lr({"multistep": h, "same": h}).lines[0]
+    x, y = STEP_LOOKUP_MAP[line.get_drawstyle()](line.get_xdata(), line.get_ydata())  # as drawn
+    jumps = [(x[i], y[i], y[i + 1]) for i in range(len(x) - 1) if y[i] != y[i + 1]]
+    assert jumps == [(2.0, 0.1, 0.01), (3.0, 0.01, 0.001)]
+    assert (x.min(), x.max()) == (0.0, 4.0)  # the run spans epochs 0..4
+    for e, lr in enumerate(h.lr, start=1):  # every epoch's middle shows the rate it trained with
+        mid = e - 0.5
+        assert y[np.searchsorted(x, mid) - 1] == lr

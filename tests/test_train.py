@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from efficientml import MLP, History, TensorLoader, evaluate, fit, seed_everything
-from efficientml.train import make_optimizer, make_scheduler, select_device, show_progress
+from efficientml.train import make_optimizer, make_scheduler, param_groups, select_device, show_progress
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +147,81 @@ def test_device_and_progress_selection(monkeypatch):
 def test_optimizer_validation(kw):
     with pytest.raises(ValueError):
         make_optimizer(nn.Linear(2, 2).parameters(), **kw)
+
+
+class _Tiny(nn.Module):
+    """An embedding, a linear layer with bias, a LayerNorm and a frozen linear layer."""
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.proj = nn.Linear(4, 3)
+        self.norm = nn.LayerNorm(3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+
+def test_param_groups_decay_only_2d_weights():
+    m = _Tiny()
+    decay, no_decay = param_groups(m, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(m.embed.weight), id(m.proj.weight)}
+    assert {id(p) for p in no_decay["params"]} == {id(m.proj.bias), id(m.norm.weight), id(m.norm.bias)}
+    # a model without 1-D parameters gives one group; a shared parameter appears once
+    shared = nn.Linear(2, 2, bias=False)
+    groups = param_groups(nn.Sequential(shared, shared), 0.1)
+    assert len(groups) == 1 and len(groups[0]["params"]) == 1
+    with pytest.raises(ValueError, match="weight_decay"):
+        param_groups(m, -1.0)
+
+
+def test_adamw_over_param_groups_decays_only_2d_weights():
+    """With zero gradients AdamW's step is pure decoupled decay: w <- w (1 - lr wd) for the
+    2-D weights; biases and LayerNorm parameters must not move."""
+    torch.manual_seed(0)
+    m = _Tiny()
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = make_optimizer(param_groups(m, 0.1), "adamw", lr=0.5, weight_decay=0.1)
+    for p in m.parameters():
+        p.grad = torch.zeros_like(p) if p.requires_grad else None
+    opt.step()
+    for n, p in m.named_parameters():
+        expected = before[n] * (1 - 0.5 * 0.1) if p.dim() >= 2 and p.requires_grad else before[n]
+        torch.testing.assert_close(p.detach(), expected, rtol=0, atol=1e-7, msg=n)
+
+
+def test_make_optimizer_groups_validation():
+    m = _Tiny()
+    with pytest.raises(TypeError, match="all parameters or all groups"):
+        make_optimizer([{"params": [m.proj.weight]}, m.proj.bias])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        make_optimizer([{"params": []}])
+    opt = make_optimizer(p for p in m.parameters() if p.requires_grad)  # the default: one group
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_fit_default_decays_every_parameter_as_before(small):
+    """fit's default (decay_2d_only=False) must train exactly as an SGD optimizer built over all
+    trainable parameters with one weight decay, the optimizer of Chapters 1-4."""
+    train, test = small
+
+    def run(**kw):
+        seed_everything(0)
+        model = MLP(784, (32,), 10)
+        opt = kw.pop("optimizer", None)
+        hist = fit(model, TensorLoader(train, 50, shuffle=True, seed=0), TensorLoader(test, 500), epochs=2,
+                   lr=0.05, device="cpu", progress=False,
+                   optimizer=opt(model) if opt else "sgd", **kw)
+        return model, hist
+
+    model_a, a = run()
+    model_b, b = run(optimizer=lambda m: make_optimizer(m.parameters(), "sgd", 0.05, 0.9, 5e-4))
+    assert _comparable(a) == _comparable(b)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    model_c, c = run(decay_2d_only=True)  # the biases no longer decay: another run
+    assert not torch.equal(model_c.net[1].bias, model_a.net[1].bias)
+    with pytest.raises(ValueError, match="decay_2d_only"):
+        fit(MLP(784, (8,), 10), TensorLoader(train, 100), epochs=1, device="cpu", progress=False,
+            optimizer=torch.optim.SGD(MLP(784, (8,), 10).parameters(), lr=0.1), decay_2d_only=True)
 
 
 def test_epochs_validated(small):

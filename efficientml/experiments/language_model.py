@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
 
-from ..data import CharTokenizer, TokenBatches, load_text, split_tokens
+from ..data import CharTokenizer, TokenBatches, bigram_entropy, load_text, split_tokens, unigram_entropy
 from ..lora import add_lora, freeze, lora_targets, optimizer_state_bytes, parameter_count
 from ..models import count_parameters
+from ..reference import REFERENCE
 from ..seeds import spread
 from ..train import LN2, History, evaluate, fit, make_optimizer, select_device
 from ..transformer import LanguageModel
@@ -26,11 +28,14 @@ FINETUNE = dict(ft_marker="\n\nMaster:\nBoatswain!", ft_fraction=0.7, ft_epochs=
                 ft_eval_batches=10, ft_eval_batch_size=64, ft_seeds=[0, 1, 2])
 
 
-LM_QUICK = dict(text="tinyshakespeare", val_fraction=0.1, d_model=128, n_heads=4, n_layers=4, d_ff=512, dropout=0.0,
-                block_size=64, batch_size=12, steps_per_epoch=200, epochs=10, lr=1e-3, warmup=100, weight_decay=0.1,
-                clip_grad_norm=1.0, val_batches=20, val_batch_size=64, seed=0) | FINETUNE
-LM_FULL = LM_QUICK | dict(d_model=384, n_heads=6, n_layers=6, d_ff=1536, dropout=0.2, block_size=256, batch_size=64,
-                          steps_per_epoch=500, epochs=10, warmup=200, val_batches=50)
+# decay_2d_only: weight decay on the matmul weights and embeddings only, not on biases and
+# LayerNorm gains (as nanoGPT; ``train.param_groups``).
+LM_QUICK = dict(text="tinyshakespeare", val_fraction=0.1, d_model=128, n_heads=4, n_layers=4, d_ff=512,
+                dropout=0.0, block_size=64, batch_size=12, steps_per_epoch=200, epochs=10, lr=1e-3,
+                warmup=100, weight_decay=0.1, decay_2d_only=True, clip_grad_norm=1.0, val_batches=20,
+                val_batch_size=64, seed=0) | FINETUNE
+LM_FULL = LM_QUICK | dict(d_model=384, n_heads=6, n_layers=6, d_ff=1536, dropout=0.2, block_size=256,
+                          batch_size=64, steps_per_epoch=500, epochs=10, warmup=200, val_batches=50)
 
 
 def language_model_data(s: dict, device=None):
@@ -45,8 +50,9 @@ def language_model_data(s: dict, device=None):
 
 
 def train_language_model(s: dict, device=None, progress=None, out_dir: Path | None = None):
-    """Train a ``LanguageModel`` with AdamW, warm-up + cosine schedule and gradient clipping;
-    an "epoch" is ``steps_per_epoch`` random batches, after which the validation loss is measured
+    """Train a ``LanguageModel`` with AdamW (weight decay on the 2-D weights only if
+    ``s["decay_2d_only"]``, as nanoGPT), warm-up + cosine schedule and gradient clipping; an
+    "epoch" is ``steps_per_epoch`` random batches, after which the validation loss is measured
     on the same ``val_batches`` windows every time. Returns (model, History, tokenizer, train
     tokens, validation tokens); History losses are in bits per character."""
     seed_for(s["seed"], device)
@@ -55,9 +61,9 @@ def train_language_model(s: dict, device=None, progress=None, out_dir: Path | No
     model = LanguageModel(tok.vocab_size, s["d_model"], s["n_heads"], s["n_layers"], s["d_ff"], s["dropout"],
                           max_len=s["block_size"])
     hist = fit(model, train_batches, val_batches, epochs=s["epochs"], lr=s["lr"], optimizer="adamw",
-               weight_decay=s["weight_decay"], scheduler="warmup-cosine", warmup=s["warmup"],
-               clip_grad_norm=s["clip_grad_norm"], device=device, checkpoint=_checkpoint(out_dir, "language-model", s),
-               progress=progress, desc="language model")
+               weight_decay=s["weight_decay"], decay_2d_only=s["decay_2d_only"], scheduler="warmup-cosine",
+               warmup=s["warmup"], clip_grad_norm=s["clip_grad_norm"], device=device,
+               checkpoint=_checkpoint(out_dir, "language-model", s), progress=progress, desc="language model")
     return model, hist, tok, train, val
 
 
@@ -75,6 +81,110 @@ def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
             "val_loss_nats": hist.test_loss[-1] * LN2,
             "train_tokens_per_s": steps * s["batch_size"] * s["block_size"] / sum(hist.train_time),
             "finetune": {"runs": ft["runs"], "cost": ft["cost"]}}
+
+
+# -- Baselines from the text's statistics, and the chapter's tables ----------------------------
+
+def _check_tokens(tokens: torch.Tensor, vocab_size: int, name: str, min_len: int) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a 1-D integer tensor of token ids")
+    if len(tokens) < min_len:
+        raise ValueError(f"{name} needs at least {min_len} tokens, got {len(tokens)}")
+    if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_size):
+        raise ValueError(f"{name} holds ids outside 0..{vocab_size - 1}")
+    return tokens.long()
+
+
+def unigram_cross_entropy(fit_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
+                          alpha: float = 1.0) -> float:
+    """Cross-entropy in nats per token, on ``eval_tokens`` (N,), of the unigram model fitted to
+    ``fit_tokens``: p(c) = (n(c) + alpha) / (n + alpha V), with n(c) the count of token c among
+    the n fitting tokens and V = ``vocab_size``. ``alpha`` > 0 smooths (1: add-one, Laplace), so a
+    token never seen in fitting costs a finite amount."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    fit = _check_tokens(fit_tokens, vocab_size, "fit_tokens", 1)
+    ev = _check_tokens(eval_tokens, vocab_size, "eval_tokens", 1)
+    counts = torch.bincount(fit, minlength=vocab_size).double() + alpha
+    return float(-(counts / counts.sum()).log()[ev].mean())
+
+
+def bigram_cross_entropy(fit_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
+                         alpha: float = 1.0) -> float:
+    """Cross-entropy in nats per token, over the N - 1 consecutive pairs (a, b) of ``eval_tokens``
+    (N,), of the bigram model fitted to ``fit_tokens``: p(b | a) = (n(a, b) + alpha) / (n(a) +
+    alpha V), with n(a, b) the count of the pair among the fitting pairs, n(a) = sum_b n(a, b) and
+    V = ``vocab_size``. ``alpha`` > 0 smooths (1: add-one, Laplace); as alpha -> 0 with
+    ``eval_tokens = fit_tokens`` it tends to the conditional entropy ``data.bigram_entropy``."""
+    if not alpha > 0:
+        raise ValueError(f"alpha must be > 0, got {alpha}")
+    fit = _check_tokens(fit_tokens, vocab_size, "fit_tokens", 2)
+    ev = _check_tokens(eval_tokens, vocab_size, "eval_tokens", 2)
+    v = vocab_size
+    counts = torch.bincount(fit[:-1] * v + fit[1:], minlength=v * v).double().view(v, v) + alpha
+    log_p = (counts / counts.sum(1, keepdim=True)).log()
+    return float(-log_p[ev[:-1], ev[1:]].mean())
+
+
+def baselines(train: torch.Tensor, val: torch.Tensor, vocab_size: int, alpha: float = 1.0) -> dict:
+    """Chapter 6's baselines in nats per character: ``{name: {"train": loss on the training text
+    of the model fitted to it (its entropy), "val": cross-entropy on the validation text of the
+    same model, add-``alpha`` smoothed}}`` for a uniform, a unigram and a bigram model."""
+    uniform = math.log(vocab_size)
+    return {"uniform": {"train": uniform, "val": uniform},
+            "unigram": {"train": unigram_entropy(train, vocab_size),
+                        "val": unigram_cross_entropy(train, val, vocab_size, alpha)},
+            "bigram": {"train": bigram_entropy(train, vocab_size),
+                       "val": bigram_cross_entropy(train, val, vocab_size, alpha)}}
+
+
+BASELINE_NAMES = {"uniform": "uniform over the vocabulary", "unigram": "unigram: character frequencies",
+                  "bigram": "bigram: the previous character"}
+
+
+def baseline_table(b: dict) -> tuple[list[list], list[str]]:
+    """Rows and headers of ``baselines(...)``: nats on the training and validation texts, and the
+    validation loss in bits."""
+    rows = [[BASELINE_NAMES.get(k, k), f"{v['train']:.3f}", f"{v['val']:.3f}", f"{v['val'] / LN2:.3f}"]
+            for k, v in b.items()]
+    return rows, ["model fitted to the training text", "its entropy on the training text (nats)",
+                  "cross-entropy on the validation text (nats)", "validation (bits)"]
+
+
+def loss_table(hist: History, steps_per_epoch: int) -> tuple[list[list], list[str]]:
+    """Rows and headers of the per-epoch losses of a ``History`` in bits per character, shown in
+    nats (and the validation loss in bits too), against the step at which each was measured."""
+    rows = [[steps_per_epoch * (e + 1), f"{tr * LN2:.3f}", f"{va * LN2:.3f}", f"{va:.3f}"]
+            for e, (tr, va) in enumerate(zip(hist.train_loss, hist.test_loss))]
+    return rows, ["step", f"training loss (nats, mean of the last {steps_per_epoch} steps)",
+                  "validation loss (nats)", "validation (bits per character)"]
+
+
+def generation_table(benches: list[dict]) -> tuple[list[list], list[str]]:
+    """Rows and headers of ``bench.bench_generation`` results: tokens per second without and
+    with the KV cache, the speed-up, and whether both gave the same tokens."""
+    rows = [[r["batch"], f"{r['no_cache_tokens_per_s']:,.0f}", f"{r['cache_tokens_per_s']:,.0f}",
+             f"{r['cache_tokens_per_s'] / r['no_cache_tokens_per_s']:.2f}x", r["same_tokens"]]
+            for r in benches]
+    return rows, ["sequences at once", "tokens/s without cache", "tokens/s with KV cache", "speed-up",
+                  "same tokens"]
+
+
+def results_table(val_nats: float, b: dict, kv_cache_equal: bool,
+                  full: dict | None = None) -> tuple[list[list], list[str]]:
+    """Rows and headers of the chapter's results: the quick run's validation loss (``val_nats``),
+    the full run's (``full``, a result file's payload, or None: not run yet), nanoGPT's for the
+    same configurations (``reference.REFERENCE``), the validation baselines ``b`` and the KV-cache
+    check."""
+    ref = REFERENCE["language-model"]["val_loss_nats"]
+    full_val = "not run yet" if full is None else f"{full['results']['val_loss_nats']:.3f}"
+    rows = [["validation loss (nats per character)", f"{val_nats:.3f}", full_val,
+             f"nanoGPT: {ref['cpu']:.2f} (CPU config.), {ref['gpu']:.2f} (GPU config.)"],
+            ["validation loss (bits per character)", f"{val_nats / LN2:.3f}", "", ""]]
+    rows += [[f"{name} baseline on the validation text (nats)", f"{b[key]['val']:.3f}", "", ""]
+             for key, name in (("unigram", "unigram"), ("bigram", "bigram"))]
+    rows += [["greedy generation, KV cache = no cache", str(kv_cache_equal), "", "equal"]]
+    return rows, ["result", "quick (CPU)", "full", "reference"]
 
 
 # -- Fine-tuning the trained model on text it has never seen: full, LoRA, or not at all --------
