@@ -86,3 +86,37 @@ def integer_inference_summary(model, train_loader, test_loader, n_batches: int =
         n += len(y)
     return {f"{k}_acc": c / n for k, c in correct.items()} | {
         "max_logit_diff": max_diff, "agreement": agree / n, "act_absmax": act_absmax}
+
+
+def qat_spread(rows: list[dict]) -> dict:
+    """{bits: {kind: Spread over seeds}} of ``qat_over_seeds``'s rows, kind in "ptq", "qat",
+    "fp32_finetuned", "ptq_finetuned"."""
+    from ..seeds import spread
+    return {b: {k: spread(r[b][k] for r in rows) for k in rows[0][b]} for b in rows[0]}
+
+
+def qat_table(rows: list[dict]) -> str:
+    """Markdown table of ``qat_over_seeds``: per bit width, PTQ, QAT, and the control (fp32
+    fine-tuned just as long, then PTQ), each as mean ± std over seeds in percent."""
+    from ..plots import markdown_table
+    sp = qat_spread(rows)
+    return markdown_table(
+        [[f"{b}-bit, per tensor", sp[b]["ptq"].pct(1), sp[b]["qat"].pct(1), sp[b]["ptq_finetuned"].pct(1)]
+         for b in sp],
+        ["bits", "PTQ of the trained model", "QAT (one more epoch through the grid)",
+         "control: one more fp32 epoch, then PTQ"])
+
+
+def integer_table(summary: dict) -> str:
+    """Markdown table of ``integer_inference_summary``: the three models' test accuracies and how
+    closely the integer model follows its float reference."""
+    from ..plots import markdown_table
+    return markdown_table(
+        [["fp32", f"{100 * summary['fp32_acc']:.2f}%", ""],
+         ["float, fake-quantized weights and activations (reference)",
+          f"{100 * summary['fake_quant_acc']:.2f}%", ""],
+         ["integers only (int8 x int8 -> int32, fixed-point requantization)",
+          f"{100 * summary['integer_acc']:.2f}%",
+          f"same class as the reference on {100 * summary['agreement']:.2f}% of test images; "
+          f"largest logit difference {summary['max_logit_diff']:.3f}"]],
+        ["model", "test accuracy", "agreement"])

@@ -40,15 +40,24 @@ def run_mlp(s: dict, out_dir: Path | None, device, progress) -> dict:
 
 # -- Chapter 2: quantization -------------------------------------------------------------------
 
+MODES = ("per_tensor", "per_channel", "kmeans")
+MODE_LABELS = {"per_tensor": "linear, per tensor", "per_channel": "linear, per output channel",
+               "kmeans": "k-means codebook, per tensor"}
+
+
 def quantization_sweep(model, test_loader, bits: list[int]) -> dict:
     """Test (loss in bits, accuracy) of ``model`` in fp32 and after quantizing every parameter to
-    each bit width, per tensor and per output channel."""
+    each bit width: linear (affine) per tensor and per output channel, and k-means per tensor
+    (``MODES``)."""
     def measure(m):
         loss, acc = evaluate(m, test_loader)
         return {"test_loss": loss, "test_acc": acc}
+
+    def quantized(mode, b):
+        return dequantized_model(model, b, per_channel=mode == "per_channel",
+                                 method="kmeans" if mode == "kmeans" else "linear")
     return {"fp32": measure(model),
-            **{mode: {str(b): measure(dequantized_model(model, b, per_channel=mode == "per_channel")) for b in bits}
-               for mode in ("per_tensor", "per_channel")}}
+            **{mode: {str(b): measure(quantized(mode, b)) for b in bits} for mode in MODES}}
 
 
 def quantization_over_seeds(s: dict, out_dir: Path | None = None, device=None, progress=None):
@@ -69,7 +78,7 @@ def sweep_spread(sweeps: list[dict], key: str = "test_acc") -> dict:
     results: ``{"fp32": Spread, "per_tensor": {"8": Spread, ...}, "per_channel": {...}}``."""
     return {"fp32": spread(w["fp32"][key] for w in sweeps),
             **{mode: {b: spread(w[mode][b][key] for w in sweeps) for b in sweeps[0][mode]}
-               for mode in ("per_tensor", "per_channel")}}
+               for mode in MODES if mode in sweeps[0]}}
 
 
 def change_spread(sweeps: list[dict], mode: str, bits: str, key: str = "test_acc") -> Spread:
@@ -86,7 +95,7 @@ def run_quantization(s: dict, out_dir: Path | None, device, progress) -> dict:
     models, hists, sweeps, _ = quantization_over_seeds(s, out_dir, device, progress)
     mean = {"fp32": {"test_acc": spread(w["fp32"]["test_acc"] for w in sweeps).mean},
             **{mode: {b: {"test_acc": sp.mean} for b, sp in sweep_spread(sweeps)[mode].items()}
-               for mode in ("per_tensor", "per_channel")}}
+               for mode in MODES}}
     return {"parameters": count_parameters(models[0]), "histories": hists, "sweeps": sweeps} | mean
 
 
@@ -105,11 +114,11 @@ def sweep_table(sweeps: list[dict], bits: list[str]) -> str:
 
 
 def bits_table(sweeps: list[dict]) -> str:
-    """Markdown table: test accuracy (mean ± std over seeds) at every bit width, per tensor and per
-    output channel."""
+    """Markdown table: test accuracy (mean ± std over seeds) at every bit width, for every mode."""
     acc = sweep_spread(sweeps)
-    return markdown_table([[b, acc["per_tensor"][b].pct(2), acc["per_channel"][b].pct(2)]
-                           for b in acc["per_tensor"]], ["bits", "per tensor", "per channel"])
+    modes = [m for m in MODES if m in acc]
+    return markdown_table([[b, *(acc[m][b].pct(2) for m in modes)] for b in acc["per_tensor"]],
+                          ["bits", *(MODE_LABELS[m] for m in modes)])
 
 
 def plot_sweep(sweeps: list[dict], ax=None):
@@ -119,8 +128,8 @@ def plot_sweep(sweeps: list[dict], ax=None):
     ax = ax or plt.subplots(figsize=(6.5, 3.8))[1]
     acc = sweep_spread(sweeps)
     bits = [int(b) for b in acc["per_tensor"]]
-    for mode, label in [("per_tensor", "per tensor"), ("per_channel", "per output channel")]:
-        sp = [acc[mode][str(b)] for b in bits]
+    for mode in (m for m in MODES if m in acc):
+        sp, label = [acc[mode][str(b)] for b in bits], MODE_LABELS[mode]
         line, = ax.plot(bits, [100 * x.mean for x in sp], marker="o", label=label)
         ax.fill_between(bits, [100 * x.min for x in sp], [100 * x.max for x in sp], color=line.get_color(),
                         alpha=0.2, lw=0)
@@ -150,3 +159,58 @@ def reference_table(sweeps: list[dict], reference: dict, full: dict | None) -> s
                      f"{acc['per_tensor'][b].pct(2)} ({100 * ch.mean:+.2f})", full_acc(b)])
     return markdown_table(rows, ["MLP", f"reference ({reference['dataset']}, GPU)",
                                  f"quick (Fashion-MNIST, CPU, {len(sweeps)} seeds)", "full"])
+
+
+# -- Chapter 2: what the grid looks like, and how much noise it adds ------------------------------
+
+def plot_grid_histogram(weight: torch.Tensor, bits: int, ax=None, channel: int | None = None):
+    """Histogram of ``weight``'s values (or of one output ``channel``'s row) with the
+    ``bits``-bit quantization levels drawn over it: the per-tensor grid (one scale for the whole
+    matrix) as grey lines and, with ``channel``, that row's own per-channel grid as coloured
+    lines, zoomed in on the row. Returns the axes."""
+    import matplotlib.pyplot as plt
+
+    from ..quantization import dequantize, quantize
+    ax = ax or plt.subplots(figsize=(6.5, 3.2))[1]
+    w = weight.detach().float()
+    values = w if channel is None else w[channel]
+    ax.hist(values.flatten().numpy(), bins=120, color="C0", alpha=0.6)
+    grids = [("per-tensor grid", quantize(w, bits), "gray")]
+    if channel is not None:
+        grids.append((f"row {channel}'s per-channel grid", quantize(w[channel:channel + 1], bits), "C3"))
+    for label, q, color in grids:
+        codes = torch.arange(2 ** bits, dtype=torch.uint8).reshape(-1, *([1] * (q.codes.ndim - 1)))
+        levels = dequantize(type(q)(codes, q.scale, q.zero_point, bits)).flatten().unique()
+        for i, level in enumerate(levels):
+            ax.axvline(float(level), color=color, lw=1, ls="-" if color != "gray" else "--",
+                       label=label if i == 0 else None)
+    if channel is not None:  # zoom in on the row: the per-tensor levels outside it are off the axes
+        lo, hi = float(values.min()), float(values.max())
+        ax.set_xlim(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
+    ax.set(xlabel="weight value", ylabel="count",
+           title=f"{bits}-bit levels over the weights" + ("" if channel is None else f" of row {channel}"))
+    ax.legend(fontsize="small")
+    return ax
+
+
+def sqnr_table(tensors: dict, bits: list[int]) -> dict:
+    """Measured SQNR (dB) of every tensor in ``tensors`` ({label: float tensor}) quantized per
+    tensor (affine) at each bit width: {label: {bits: dB}}."""
+    from ..quantization import dequantize, quantize, sqnr_db
+    return {label: {b: sqnr_db(x, dequantize(quantize(x, b))) for b in bits} for label, x in tensors.items()}
+
+
+def plot_sqnr(table: dict, ax=None):
+    """SQNR against bits for each row of ``sqnr_table``, beside the 6.02 dB-per-bit rule drawn
+    through the first row at 8 bits."""
+    import matplotlib.pyplot as plt
+    ax = ax or plt.subplots(figsize=(6.5, 3.6))[1]
+    for label, row in table.items():
+        ax.plot(list(row), list(row.values()), marker="o", label=label)
+    first = next(iter(table.values()))
+    bits = sorted(first)
+    ax.plot(bits, [first[8] + 6.02 * (b - 8) for b in bits] if 8 in first else [6.02 * b for b in bits],
+            color="gray", ls="--", lw=1, label="6.02 dB per bit")
+    ax.set(xlabel="bits", ylabel="SQNR (dB)", title="signal-to-quantization-noise ratio")
+    ax.legend(fontsize="small")
+    return ax
