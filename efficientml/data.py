@@ -248,20 +248,28 @@ class TensorLoader:
 class SequenceTask:
     """Batches of a synthetic sequence-to-sequence task: ``copy`` or ``reverse`` a random sequence.
 
-    Tokens: 0 = padding, 1 = start (BOS), 2 = end (EOS), 3..3+n_symbols-1 = symbols. Each batch is
-    ``((src, tgt_in), tgt_out)``: src (B, length) random symbols; tgt_in (B, length + 1) = BOS and
-    the answer; tgt_out (B, length + 1) = the answer and EOS (tgt_in shifted by one). ``steps``
-    batches per epoch, drawn from ``seed`` and the epoch (``set_epoch``), so they repeat exactly.
+    Tokens: 0 = padding, 1 = start (BOS), 2 = end (EOS), 3..3+n_symbols-1 = symbols. Each source
+    has a length drawn uniformly from ``min_length..length`` (default: always ``length``) and is
+    padded to ``length`` with PAD. Each batch is ``((src, tgt_in), tgt_out)``: src (B, length);
+    tgt_in (B, length + 1) = BOS, the answer, then PAD; tgt_out (B, length + 1) = the answer, EOS,
+    then ``IGNORE`` (-100, which ``F.cross_entropy`` ignores by default), so that tgt_out is
+    tgt_in shifted by one wherever it counts. ``steps`` batches per epoch, drawn from ``seed`` and
+    the epoch (``set_epoch``), so they repeat exactly.
     """
     PAD, BOS, EOS = 0, 1, 2
+    IGNORE = -100  # target positions after EOS: no loss, no accuracy
 
     def __init__(self, task: str = "reverse", n_symbols: int = 10, length: int = 8, batch_size: int = 64,
-                 steps: int = 100, seed: int = 0, device: str | torch.device = "cpu"):
+                 steps: int = 100, seed: int = 0, device: str | torch.device = "cpu",
+                 min_length: int | None = None):
         if task not in ("copy", "reverse"):
             raise ValueError(f"task must be 'copy' or 'reverse', got {task!r}")
         if n_symbols < 2 or length < 1 or batch_size < 1 or steps < 1:
             raise ValueError("need n_symbols >= 2 and length, batch_size, steps >= 1")
-        self.task, self.n_symbols, self.length = task, n_symbols, length
+        min_length = length if min_length is None else min_length
+        if not 1 <= min_length <= length:
+            raise ValueError(f"need 1 <= min_length <= length, got min_length={min_length}, length={length}")
+        self.task, self.n_symbols, self.length, self.min_length = task, n_symbols, length, min_length
         self.batch_size, self.steps, self.seed, self.epoch = batch_size, steps, seed, 0
         self.device = torch.device(device)
 
@@ -275,19 +283,34 @@ class SequenceTask:
     def __len__(self) -> int:
         return self.steps
 
+    def lengths(self, src: torch.Tensor) -> torch.Tensor:
+        """(B,) the number of symbols (non-PAD tokens) of each source (B, length)."""
+        return (src != self.PAD).sum(1)
+
     def answer(self, src: torch.Tensor) -> torch.Tensor:
-        """The correct output symbols for sources (B, length)."""
-        return src.flip(1) if self.task == "reverse" else src
+        """The correct output symbols for sources (B, length), PAD after them: a ``reverse``
+        answer reverses each source's symbols, not its padding."""
+        if self.task == "copy":
+            return src
+        j = torch.arange(src.shape[1], device=src.device)
+        n = self.lengths(src)[:, None]
+        ans = src.gather(1, (n - 1 - j).clamp(min=0))
+        return ans.masked_fill(j >= n, self.PAD)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        j = torch.arange(self.length + 1)
         for _ in range(self.steps):
             src = torch.randint(3, 3 + self.n_symbols, (self.batch_size, self.length), generator=g)
+            n = torch.full((self.batch_size, 1), self.length)
+            if self.min_length < self.length:
+                n = torch.randint(self.min_length, self.length + 1, (self.batch_size, 1), generator=g)
+                src = src.masked_fill(j[:-1] >= n, self.PAD)
             ans = self.answer(src)
-            bos = torch.full((self.batch_size, 1), self.BOS)
-            eos = torch.full((self.batch_size, 1), self.EOS)
-            yield ((src.to(self.device), torch.cat([bos, ans], 1).to(self.device)),
-                   torch.cat([ans, eos], 1).to(self.device))
+            tgt_in = torch.cat([torch.full((self.batch_size, 1), self.BOS), ans], 1)
+            tgt_out = torch.cat([ans, torch.full((self.batch_size, 1), self.PAD)], 1)
+            tgt_out = tgt_out.masked_fill(j == n, self.EOS).masked_fill(j > n, self.IGNORE)
+            yield (src.to(self.device), tgt_in.to(self.device)), tgt_out.to(self.device)
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -45,15 +45,35 @@ class WordEmbedding(nn.Module):
 
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> torch.Tensor:
-    """PE (max_len, d_model): PE[pos, 2i] = sin(pos / 10000^(2i/d_model)), PE[pos, 2i+1] = cos(same)."""
+    """PE (max_len, d_model): PE[pos, 2i] = sin(pos * omega_i), PE[pos, 2i+1] = cos(pos * omega_i),
+    with frequencies omega_i = 10000^(-2i/d_model), i = 0..d_model/2 - 1."""
     if d_model % 2:
         raise ValueError(f"d_model must be even for sine/cosine pairs, got {d_model}")
-    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)            # (max_len, 1)
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)              # (max_len, 1)
+    i2 = torch.arange(0, d_model, 2, dtype=torch.float64)                      # 2i
+    omega = torch.exp(-math.log(10000.0) * i2 / d_model)                       # (d_model / 2,)
     pe = torch.zeros(max_len, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(pos * freq)
-    pe[:, 1::2] = torch.cos(pos * freq)
+    pe[:, 0::2] = torch.sin(pos * omega)
+    pe[:, 1::2] = torch.cos(pos * omega)
     return pe.float()
+
+
+def positional_shift_matrix(k: int, d_model: int) -> torch.Tensor:
+    """M_k (d_model, d_model) with M_k @ PE[p] = PE[p + k] for every position p (k may be negative).
+
+    Block-diagonal: the (sin, cos) pair of frequency omega_i, dimensions (2i, 2i+1), is rotated by
+    the angle omega_i * k with [[cos, sin], [-sin, cos]]. The matrix depends on the offset k only,
+    not on p: a shift of position is a linear map of the encoding.
+    """
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"the offset k must be an int, got {type(k).__name__}")
+    if d_model % 2:
+        raise ValueError(f"d_model must be even for sine/cosine pairs, got {d_model}")
+    i2 = torch.arange(0, d_model, 2, dtype=torch.float64)
+    angle = k * torch.exp(-math.log(10000.0) * i2 / d_model)                  # omega_i * k
+    cos, sin = angle.cos(), angle.sin()
+    blocks = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (d/2, 2, 2)
+    return torch.block_diag(*blocks).float()
 
 
 class PositionalEncoding(nn.Module):
@@ -89,14 +109,15 @@ def padding_mask(tokens: torch.Tensor, pad: int) -> torch.Tensor:
     return (tokens != pad)[:, None, None, :]
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None):
-    """Scaled dot-product attention: softmax(q k^T / sqrt(d_k)) v.
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention: softmax(q k^T / sqrt(d_k)) v. Two matrix multiplications.
 
     q (..., T_q, d_k), k (..., T_k, d_k), v (..., T_k, d_v); mask broadcastable to (..., T_q, T_k),
     True where allowed. Returns (output (..., T_q, d_v), weights (..., T_q, T_k)); each row of
-    weights sums to 1. Two matrix multiplications.
+    weights sums to 1.
     """
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])               # (..., T_q, T_k)
     if mask is not None:  # the most negative float, not -inf: a fully masked row stays finite
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
@@ -132,38 +153,41 @@ class MultiHeadAttention(nn.Module):
             return torch.stack([F.linear(x, w[i], bias[i]) for i in range(self.n_heads)], dim=1)
         return linear(x).view(b, t, self.n_heads, self.d_k).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self._project(self.w_q, x)
-        if context is not None and cache is not None and "k" in cache:    # cross-attention, cached
+        q = self._project(self.w_q, x)                                    # (B, h, T_q, d_k)
+        if context is not None and cache is not None and "k" in cache:   # cross-attention, cached
             k, v = cache["k"], cache["v"]
         else:
             source = x if context is None else context
             k, v = self._project(self.w_k, source), self._project(self.w_v, source)
             if cache is not None:
                 if context is None and "k" in cache:                      # self-attention: append
-                    k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                    k = torch.cat([cache["k"], k], dim=2)
+                    v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
-        if self.per_head:
-            heads = [attention(q[:, i], k[:, i], v[:, i], None if mask is None else _head_mask(mask, i))
+        if self.per_head:                                # one attention call per head
+            heads = [attention(q[:, i], k[:, i], v[:, i], _head_mask(mask, i))
                      for i in range(self.n_heads)]
-            out, weights = torch.stack([o for o, _ in heads], dim=1), torch.stack([w for _, w in heads], dim=1)
-        else:
+            out = torch.stack([o for o, _ in heads], dim=1)
+            weights = torch.stack([w for _, w in heads], dim=1)
+        else:                                            # all heads in one batched call
             out, weights = attention(q, k, v, mask)                       # (B, h, T_q, d_k)
         self.weights = weights.detach()                                   # for plots; holds no graph
         return self.w_o(out.transpose(1, 2).reshape(b, t, self.d_model))
 
 
-def _head_mask(mask: torch.Tensor, i: int) -> torch.Tensor:
+def _head_mask(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
     """The part of a mask broadcastable to (B, h, T_q, T_k) that applies to head i: (B or 1, T_q, T_k)."""
-    if mask.dim() < 4:
+    if mask is None or mask.dim() < 4:
         return mask
     return mask[:, i] if mask.shape[1] > 1 else mask[:, 0]
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: Linear(d_model, d_ff), ReLU, dropout, Linear(d_ff, d_model). Two matmuls."""
+    """Position-wise feed-forward: Linear(d_model, d_ff), ReLU, dropout, Linear(d_ff, d_model).
+    Two matmuls."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.0):
         super().__init__()
@@ -199,7 +223,8 @@ class EncoderLayer(nn.Module):
         self.ff = FeedForward(d_model, d_ff, dropout)
         self.res1, self.res2 = (Residual(d_model, dropout, norm_first) for _ in range(2))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: dict | None = None) -> torch.Tensor:
         x = self.res1(x, lambda y: self.self_attn(y, mask=mask, cache=cache))
         return self.res2(x, self.ff)
 
@@ -233,14 +258,17 @@ class Transformer(nn.Module):
     with ``per_head=True``; the paper's base model is N=6, h=8, d_model=512, d_ff=2048.
     """
 
-    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, n_heads: int = 8, n_layers: int = 6,
-                 d_ff: int = 2048, dropout: float = 0.1, max_len: int = 512, pad: int = 0, per_head: bool = False):
+    def __init__(self, src_vocab: int, tgt_vocab: int, d_model: int = 512, n_heads: int = 8,
+                 n_layers: int = 6, d_ff: int = 2048, dropout: float = 0.1, max_len: int = 512, pad: int = 0,
+                 per_head: bool = False):
         super().__init__()
         self.pad, self.n_layers = pad, n_layers
         self.src_embed, self.tgt_embed = WordEmbedding(src_vocab, d_model), WordEmbedding(tgt_vocab, d_model)
         self.pos = PositionalEncoding(d_model, max_len, dropout)
-        self.encoder = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout, per_head) for _ in range(n_layers))
-        self.decoder = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ff, dropout, per_head) for _ in range(n_layers))
+        self.encoder = nn.ModuleList(EncoderLayer(d_model, n_heads, d_ff, dropout, per_head)
+                                     for _ in range(n_layers))
+        self.decoder = nn.ModuleList(DecoderLayer(d_model, n_heads, d_ff, dropout, per_head)
+                                     for _ in range(n_layers))
         self.out = nn.Linear(d_model, tgt_vocab)
 
     def encode(self, src: torch.Tensor) -> torch.Tensor:
@@ -272,8 +300,8 @@ class Transformer(nn.Module):
                       use_cache: bool = True) -> torch.Tensor:
         """Generate up to ``max_len`` tokens after ``bos`` for each source (B, S), always taking the
         most likely token other than ``pad``; returns (B, 1 + generated) starting with ``bos``. After
-        ``eos`` a sequence is padded. Without the cache the decoder re-reads the whole prefix at every step; with it,
-        only the newest token (the same tokens either way)."""
+        ``eos`` a sequence is padded. Without the cache the decoder re-reads the whole prefix at
+        every step; with it, only the newest token (the same tokens either way)."""
         was_training = self.training
         self.eval()
         memory = self.encode(src)
@@ -306,8 +334,8 @@ class LanguageModel(nn.Module):
     token t + 1 from tokens 0..t.
     """
 
-    def __init__(self, vocab_size: int, d_model: int = 128, n_heads: int = 4, n_layers: int = 4, d_ff: int = 512,
-                 dropout: float = 0.0, max_len: int = 256):
+    def __init__(self, vocab_size: int, d_model: int = 128, n_heads: int = 4, n_layers: int = 4,
+                 d_ff: int = 512, dropout: float = 0.0, max_len: int = 256):
         super().__init__()
         self.max_len = max_len
         self.embed = WordEmbedding(vocab_size, d_model)
@@ -325,8 +353,9 @@ class LanguageModel(nn.Module):
         return self.out(self.norm(x))
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, n_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(self, prompt: torch.Tensor, n_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, use_cache: bool = True,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Extend ``prompt`` (B, T0) by ``n_tokens`` tokens; returns (B, T0 + n_tokens).
 
         temperature 0 means greedy (argmax); otherwise logits are divided by it and, with
@@ -378,8 +407,26 @@ def transformer_parameters(src_vocab: int, tgt_vocab: int, d_model: int, n_layer
     the heads split d_model, they do not add to it)."""
     d = d_model
     attn, ff, norm = 4 * (d * d + d), 2 * d * d_ff + d_ff + d, 2 * d
-    return ((src_vocab + tgt_vocab) * d + n_layers * (attn + ff + 2 * norm) + n_layers * (2 * attn + ff + 3 * norm)
-            + d * tgt_vocab + tgt_vocab)
+    encoder, decoder = attn + ff + 2 * norm, 2 * attn + ff + 3 * norm
+    return (src_vocab + tgt_vocab) * d + n_layers * (encoder + decoder) + d * tgt_vocab + tgt_vocab
+
+
+def generation_attention_macs(n_layers: int, d_model: int, src_len: int, n_tokens: int,
+                              use_cache: bool) -> int:
+    """Multiply-accumulates of the attention products (Q K^T and weights @ V, all heads) when
+    ``Transformer.greedy_decode`` generates ``n_tokens`` = T tokens for a source of S = ``src_len``.
+
+    Per layer: the encoder's self-attention once, 2 S^2 d; then at each decoder step t = 1..T
+    (t tokens in the prefix), without a cache 2 t^2 d (self-attention of t queries over t keys)
+    + 2 t S d (cross-attention), with a cache 2 t d + 2 S d (one query). Step t costs O(t^2)
+    without the cache and O(t) with it, so T steps cost O(T^3) and O(T^2) in all.
+    """
+    d, s, steps = d_model, src_len, range(1, n_tokens + 1)
+    if use_cache:
+        decoder = sum(2 * t * d + 2 * s * d for t in steps)
+    else:
+        decoder = sum(2 * t * t * d + 2 * t * s * d for t in steps)
+    return n_layers * (2 * s * s * d + decoder)
 
 
 def transformer_macs_per_token(d_model: int, n_layers: int, d_ff: int, tgt_vocab: int, seq_len: int) -> int:
@@ -392,8 +439,8 @@ def transformer_macs_per_token(d_model: int, n_layers: int, d_ff: int, tgt_vocab
 
 
 _MATMUL_NAMES = ("linear", "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "addmm", "baddbmm", "einsum")
-_MATMULS = {getattr(ns, name) for ns in (torch, torch.Tensor, torch._C.TensorBase, F) for name in _MATMUL_NAMES
-            if hasattr(ns, name)}
+_MATMULS = {getattr(ns, name) for ns in (torch, torch.Tensor, torch._C.TensorBase, F)
+            for name in _MATMUL_NAMES if hasattr(ns, name)}
 
 
 def _matmul_macs(func, args, kwargs) -> int:
@@ -415,18 +462,21 @@ class MatmulCounter(torch.overrides.TorchFunctionMode):
     Every call of a matmul-type function (``F.linear``, ``@``/``torch.matmul``, ``mm``, ``bmm``,
     ``addmm``, ``baddbmm``, ``einsum``) counts once, however many examples it processes: this is
     the count of Chapter 5.2. ``calls`` is the count, ``macs`` the multiply-accumulates they did,
-    ``by_op`` the count per function name. Calls made inside a counted call are not counted again.
+    ``by_op`` the count and ``macs_by_op`` the multiply-accumulates per function name (attention's
+    ``@`` counts as ``matmul``, the projections as ``linear``). Calls made inside a counted call
+    are not counted again.
     """
 
     def __init__(self):
         super().__init__()
-        self.calls, self.macs, self.by_op = 0, 0, {}
+        self.calls, self.macs, self.by_op, self.macs_by_op = 0, 0, {}, {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _MATMULS:
-            self.calls += 1
-            self.macs += _matmul_macs(func, args, kwargs)
+            macs = _matmul_macs(func, args, kwargs)
             name = getattr(func, "__name__", str(func))
+            self.calls, self.macs = self.calls + 1, self.macs + macs
             self.by_op[name] = self.by_op.get(name, 0) + 1
+            self.macs_by_op[name] = self.macs_by_op.get(name, 0) + macs
         return func(*args, **kwargs)

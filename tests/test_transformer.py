@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from efficientml.data import CharTokenizer, SequenceTask, TokenBatches, split_tokens
-from efficientml.train import fit
+from efficientml.train import LN2, evaluate, fit
 from efficientml.transformer import (DecoderLayer, EncoderLayer, FeedForward, LanguageModel, MatmulCounter,
-                                     MultiHeadAttention, PositionalEncoding, Transformer, WordEmbedding, attention,
-                                     causal_mask, matmuls_per_inference, padding_mask, sinusoidal_encoding)
+                                     MultiHeadAttention, PositionalEncoding, Transformer, WordEmbedding,
+                                     attention, causal_mask, generation_attention_macs, matmuls_per_inference,
+                                     padding_mask, positional_shift_matrix, sinusoidal_encoding)
 
 
 @pytest.fixture(autouse=True)
@@ -76,6 +77,38 @@ def test_positional_encoding_offset():
     torch.testing.assert_close(enc(x, start=5), enc.pe[5:8].unsqueeze(0))
 
 
+@pytest.mark.parametrize("k", [1, 5, 37, -3, 0])
+def test_a_shift_of_position_is_one_matrix_for_every_position(k):
+    """M_k PE_p = PE_(p+k) for all p at once: one matrix, whatever p is."""
+    pe = sinusoidal_encoding(300, 64)
+    m = positional_shift_matrix(k, 64)
+    lo, hi = max(0, -k), min(300, 300 - k)                  # p and p + k both in 0..299
+    torch.testing.assert_close(pe[lo:hi] @ m.T, pe[lo + k:hi + k], rtol=0, atol=1e-5)
+    # for each frequency, the angle from (sin, cos) at p to the pair at p + k is omega_i k, for every p
+    angle = torch.atan2(pe[:, 0::2].double(), pe[:, 1::2].double())             # (300, 32): omega_i p
+    step = torch.remainder(angle[lo + k:hi + k] - angle[lo:hi] + math.pi, 2 * math.pi) - math.pi
+    omega = 10000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    expected = torch.remainder(k * omega + math.pi, 2 * math.pi) - math.pi
+    torch.testing.assert_close(step, expected.expand_as(step), rtol=0, atol=1e-5)
+
+
+def test_positional_shift_matrix_is_block_diagonal_rotations():
+    m = positional_shift_matrix(5, 8)
+    c, s = math.cos(5), math.sin(5)                                             # omega_0 = 1
+    torch.testing.assert_close(m[:2, :2], torch.tensor([[c, s], [-s, c]]))
+    blocks = torch.block_diag(*(m[i:i + 2, i:i + 2] for i in range(0, 8, 2)))
+    assert torch.equal(m, blocks)                                               # nothing off the 2x2 blocks
+    torch.testing.assert_close(m @ m.T, torch.eye(8), rtol=0, atol=1e-6)         # a rotation
+    torch.testing.assert_close(positional_shift_matrix(-5, 8), m.T)
+    torch.testing.assert_close(positional_shift_matrix(3, 8) @ positional_shift_matrix(4, 8),
+                               positional_shift_matrix(7, 8), rtol=0, atol=1e-6)
+    assert torch.equal(positional_shift_matrix(0, 8), torch.eye(8))
+    with pytest.raises(ValueError, match="even"):
+        positional_shift_matrix(1, 7)
+    with pytest.raises(TypeError):
+        positional_shift_matrix(1.5, 8)
+
+
 # -- attention and masks -------------------------------------------------------------------
 
 def test_attention_weights_sum_to_one_and_match_formula():
@@ -126,6 +159,29 @@ def test_padding_in_the_source_is_ignored():
     torch.testing.assert_close(model(src, tgt), model(longer, tgt))
 
 
+def test_padded_positions_cannot_change_real_positions():
+    """Whatever the padding's embedding (or the vectors at padded positions), the encoder's outputs
+    at real positions and the model's logits stay the same; without the mask they would not."""
+    model = small()
+    src = torch.tensor([[4, 5, 6, 7, 0, 0], [8, 9, 0, 0, 0, 0]])
+    real = src != 0
+    tgt = torch.tensor([[1, 7, 6, 5], [1, 9, 8, 0]])
+    memory, logits = model.encode(src), model(src, tgt)
+    with torch.no_grad():
+        model.src_embed.embed.weight[0] = 10 * torch.randn(32)                 # another padding vector
+    changed = model.encode(src)
+    torch.testing.assert_close(changed[real], memory[real])
+    assert not torch.allclose(changed[~real], memory[~real])                   # padded outputs did change
+    torch.testing.assert_close(model(src, tgt), logits)
+    # one layer, arbitrary vectors at the padded positions: with the mask nothing real changes
+    layer = EncoderLayer(32, 4, 64, dropout=0.0).eval()
+    x = torch.randn(2, 6, 32)
+    y = torch.where(real[..., None], x, torch.randn(2, 6, 32))
+    mask = padding_mask(src, 0)
+    torch.testing.assert_close(layer(y, mask)[real], layer(x, mask)[real])
+    assert not torch.allclose(layer(y)[real], layer(x)[real])                  # unmasked, they leak in
+
+
 # -- per-head and fused computation, and the matmul count ----------------------------------
 
 def test_per_head_equals_fused():
@@ -174,6 +230,23 @@ def test_generation_matmul_counts_with_and_without_cache():
     # with the cache, the encoder's keys and values (2h projections per decoder layer) are computed once
     assert counts[True].calls == encoder + decoder + (steps - 1) * (decoder - 2 * h * n)
     assert counts[True].macs < counts[False].macs
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_generation_attention_macs_are_the_formula(per_head):
+    """The attention products' MACs of greedy decoding: O(T^3) without the cache, O(T^2) with it."""
+    n, h, d, s, steps = 2, 4, 32, 6, 7
+    model = Transformer(20, 20, d_model=d, n_heads=h, n_layers=n, d_ff=16, per_head=per_head).eval()
+    src = torch.randint(3, 20, (1, s))
+    for cache in (False, True):
+        with MatmulCounter() as c:
+            model.greedy_decode(src, steps, bos=1, use_cache=cache)
+        assert c.macs_by_op["matmul"] == generation_attention_macs(n, d, s, steps, cache)
+        assert sum(c.macs_by_op.values()) == c.macs and c.by_op.keys() == c.macs_by_op.keys()
+    # by hand, one layer, d = 1, S = 1, T = 2: encoder 2; steps 1, 2 without cache 2+2 and 8+4,
+    # with cache 2+2 and 4+2
+    assert generation_attention_macs(1, 1, 1, 2, False) == 2 + 4 + 12
+    assert generation_attention_macs(1, 1, 1, 2, True) == 2 + 4 + 6
 
 
 # -- decoding ------------------------------------------------------------------------------
@@ -238,6 +311,92 @@ def test_sequence_task_batches():
     assert [b[1].tolist() for b in task] == [b[1].tolist() for b in task]   # an epoch repeats
     with pytest.raises(ValueError):
         SequenceTask("sort")
+
+
+def test_sequence_task_variable_lengths_pad_and_ignore():
+    task = SequenceTask("reverse", n_symbols=5, length=6, batch_size=400, steps=1, seed=0, min_length=3)
+    (src, tgt_in), tgt_out = next(iter(task))
+    lengths = task.lengths(src)
+    assert set(lengths.tolist()) == {3, 4, 5, 6}
+    j = torch.arange(6)
+    assert torch.equal(src == task.PAD, j >= lengths[:, None])                # symbols, then padding
+    assert src[src != task.PAD].min() >= 3
+    for row, n in zip(range(len(src)), lengths.tolist()):
+        assert tgt_in[row].tolist() == [1] + src[row, :n].flip(0).tolist() + [0] * (6 - n)
+        assert tgt_out[row].tolist() == src[row, :n].flip(0).tolist() + [2] + [-100] * (6 - n)
+    assert torch.equal(task.answer(src), tgt_in[:, 1:])
+    copy = SequenceTask("copy", n_symbols=5, length=6, batch_size=50, steps=1, seed=0, min_length=2)
+    (src, tgt_in), tgt_out = next(iter(copy))
+    assert torch.equal(tgt_in[:, 1:], src)
+    with pytest.raises(ValueError, match="min_length"):
+        SequenceTask("reverse", length=4, min_length=5)
+
+
+def test_token_metrics_count_only_real_positions():
+    from efficientml.experiments.transformer import token_metrics
+    task = SequenceTask("reverse", n_symbols=6, length=5, batch_size=40, steps=2, seed=0, min_length=2)
+    model = Transformer(task.vocab_size, task.vocab_size, d_model=16, n_heads=2, n_layers=1, d_ff=32).eval()
+    loss, acc = token_metrics(model, task)
+    with torch.no_grad():
+        logits = torch.cat([model(*x).flatten(0, 1) for x, _ in task])
+    y = torch.cat([y.flatten() for _, y in task])
+    assert (y == -100).any()
+    assert math.isclose(loss, float(torch.nn.functional.cross_entropy(logits, y)) / LN2, rel_tol=1e-5)
+    assert math.isclose(acc, float((logits.argmax(1) == y)[y != -100].float().mean()), rel_tol=1e-6)
+    fixed = SequenceTask("reverse", n_symbols=6, length=5, batch_size=40, steps=2, seed=0)
+    for ours, fits in zip(token_metrics(model, fixed), evaluate(model, fixed)):  # nothing to ignore: equal
+        assert math.isclose(ours, fits, rel_tol=1e-5)
+
+
+class _Oracle(torch.nn.Module):
+    """Answers every source right (or with one symbol of the first source wrong), and stops as soon
+    as every sequence has ended, as ``greedy_decode`` does."""
+
+    def __init__(self, task, wrong=False):
+        super().__init__()
+        self.task, self.wrong = task, wrong
+
+    def greedy_decode(self, src, max_len, bos, eos):
+        ans = self.task.answer(src).clone()
+        if self.wrong:
+            ans[0, 0] = 3 if ans[0, 0] != 3 else 4
+        n = self.task.lengths(src)
+        out = torch.cat([torch.full((len(src), 1), bos), ans, torch.zeros(len(src), 1, dtype=torch.long)], 1)
+        out[torch.arange(len(src)), n + 1] = eos
+        return out[:, :int(n.max()) + 2]                                       # ends early if all are short
+
+
+def test_sequence_accuracy_compares_whole_outputs():
+    from efficientml.experiments.transformer import decoded_examples, sequence_accuracy, symbols
+    test = SequenceTask("reverse", n_symbols=5, length=8, batch_size=4, steps=1, seed=3, min_length=2)
+    (src, _), _ = next(iter(test))
+    assert int(test.lengths(src).max()) < 8                                     # the oracle ends early
+    assert sequence_accuracy(_Oracle(test), test) == 1.0
+    assert sequence_accuracy(_Oracle(test, wrong=True), test) == 0.75
+    rows = decoded_examples(_Oracle(test, wrong=True), test, n=2)
+    assert [r[2] for r in rows] == [False, True] and rows[1][0] == " ".join(reversed(rows[1][1].split()))
+    assert symbols(torch.tensor([1, 3, 5, 2, 0]), test) == "0 2"
+
+
+def test_reversal_fraction_by_hand():
+    from efficientml.experiments.transformer import reversal_fraction
+    w = torch.zeros(1, 2, 4, 3)                       # one source of length 3 (padded to 3), 2 heads
+    for t, pos in enumerate([2, 1, 0, 0]):            # step 3 is EOS: not counted
+        w[0, 0, t, pos] = 1.0
+    w[0, 1] = w[0, 0]
+    assert reversal_fraction(w, torch.tensor([3])) == 1.0
+    w[0, 1, 1] = torch.tensor([0.0, 0.0, 3.0])        # head 2 outweighs head 1 at step 1
+    assert reversal_fraction(w, torch.tensor([3])) == pytest.approx(2 / 3)
+    assert reversal_fraction(w[..., :2], torch.tensor([2])) == 0.0   # L = 2: 1 - t expected
+
+
+def test_head_timings_time_the_same_model_both_ways():
+    from efficientml.experiments.transformer import head_timings
+    rows = head_timings(n_heads=(1, 2), d_model=16, n_layers=1, batch=2, seq_len=4, repeat=2)
+    assert [r["h"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["per_head_ms"] > 0 and r["fused_ms"] > 0
+        assert r["per_head_calls"] == matmuls_per_inference(1, r["h"]) and r["fused_calls"] == 22 + 1
 
 
 def test_char_tokenizer_round_trip_and_errors():
