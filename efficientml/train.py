@@ -175,6 +175,9 @@ def _call(model: nn.Module, x):
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
+IGNORE_INDEX = -100  # targets F.cross_entropy leaves out (its default ignore_index): padding
+
+
 def _flat(logits: torch.Tensor, y: torch.Tensor):
     """Sequence outputs (B, T, V) with targets (B, T) as (B*T, V) and (B*T,): one prediction per token."""
     return (logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) if logits.dim() > 2 else (logits, y)
@@ -184,7 +187,8 @@ def _flat(logits: torch.Tensor, y: torch.Tensor):
 def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
     """(mean cross-entropy in bits per example, accuracy) of ``model`` over ``loader``.
 
-    For sequence models (logits (B, T, V), targets (B, T)) both are per token."""
+    For sequence models (logits (B, T, V), targets (B, T)) both are per token. Targets equal to
+    ``IGNORE_INDEX`` (-100, ``F.cross_entropy``'s default: e.g. padding) count in neither."""
     if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
         device = next(model.parameters(), torch.empty(0)).device
     model.eval()
@@ -193,7 +197,8 @@ def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tu
         logits, y = _flat(_call(model, _to(x, device)), y.to(device))
         total_loss += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
-        n += len(y)
+        n += (y != IGNORE_INDEX).sum()
+    n = int(n)
     return total_loss.item() / n / LN2, int(correct) / n
 
 
@@ -291,9 +296,10 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
                 sched.step()
             history.iter_loss.append(value / LN2)
             history.iter_epoch.append(epoch + (i + 1) / n_batches)
-            loss_sum += value * len(y)
+            counted = int((y != IGNORE_INDEX).sum())      # targets that count (not padding)
+            loss_sum += value * counted                  # the loss is the mean over counted targets
             correct += (logits.argmax(1) == y).sum()  # on the device; read once per epoch
-            seen += len(y)
+            seen += counted
         if history.diverged:
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
             break

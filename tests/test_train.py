@@ -227,3 +227,24 @@ def test_fit_default_decays_every_parameter_as_before(small):
 def test_epochs_validated(small):
     with pytest.raises(ValueError, match="epochs"):
         fit(MLP(784, (8,), 10), [], epochs=-1)
+
+
+def test_ignored_targets_count_in_neither_loss_nor_accuracy():
+    """Targets of -100 (padding) are left out of evaluate's and fit's per-token loss and accuracy."""
+    import torch.nn.functional as F
+    from efficientml.train import IGNORE_INDEX
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 8), nn.Linear(8, 5))
+    x = torch.randint(0, 5, (4, 6))
+    y = torch.randint(0, 5, (4, 6))
+    y_pad = y.clone()
+    y_pad[:, 4:] = IGNORE_INDEX
+    loss, acc = evaluate(model, [(x, y_pad)])
+    with torch.no_grad():
+        logits = model(x)[:, :4]
+    ref_loss = F.cross_entropy(logits.reshape(-1, 5), y[:, :4].reshape(-1)).item() / math.log(2)
+    ref_acc = (logits.argmax(-1) == y[:, :4]).float().mean().item()
+    assert loss == pytest.approx(ref_loss, rel=1e-6) and acc == pytest.approx(ref_acc)
+    hist = fit(model, [(x, y_pad)], None, epochs=1, lr=1e-9, progress=False)  # loss before the step
+    assert hist.train_loss[0] == pytest.approx(ref_loss, rel=1e-5)
+    assert hist.train_acc[0] == pytest.approx(ref_acc)
