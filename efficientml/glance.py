@@ -53,7 +53,7 @@ class Row:
     label: str
     experiment: str
     key: str
-    fmt: str = "pct"              # pct, nats, text
+    fmt: str = "pct"              # pct, nats, x (a ratio), text
     reference: float | str | None = None
     same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
 
@@ -73,7 +73,8 @@ FULL: dict[str, Callable[[dict], dict]] = {
     "schedules": lambda r: _last("test_acc")(r) | {"multistep train": _mean_last(r["runs"]["multistep"], "train_acc")},
     "quantization": lambda r: {"fp32": r["fp32"]["test_acc"], "8": r["per_tensor"]["8"]["test_acc"],
                                "4": r["per_tensor"]["4"]["test_acc"], "2 per tensor": r["per_tensor"]["2"]["test_acc"],
-                               "2 per channel": r["per_channel"]["2"]["test_acc"]},
+                               "2 per channel": r["per_channel"]["2"]["test_acc"]}
+                              | ({"mean/kmeans/2": r["kmeans"]["2"]["test_acc"]} if "kmeans" in r else {}),
     "pruning": _last("test_acc"),
     "lora": _last("test_acc"),
     "transformer": lambda r: {"sequence_accuracy": r["sequence_accuracy"]},
@@ -97,12 +98,23 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("4-bit weights (per tensor): test accuracy", "quantization", "4",
             reference=_R["mlp-quantization"]["test_acc"]["4-bit"]),
         Row("2-bit weights, per tensor: test accuracy", "quantization", "2 per tensor"),
-        Row("2-bit weights, per output channel: test accuracy", "quantization", "2 per channel"))),
+        Row("2-bit weights, per output channel: test accuracy", "quantization", "2 per channel"),
+        Row("2-bit weights, k-means codebook per tensor: test accuracy", "quantization", "mean/kmeans/2"),
+        Row("2-bit per tensor after one epoch of quantization-aware training", "quantization", "qat/2/qat"),
+        Row("int8 integer-only inference (first seed): test accuracy", "quantization",
+            "seed 0/integer only"))),
     Chapter(3, "Pruning", "03_pruning", "a Fashion-MNIST subset, half-width ConvNet, mean of 3 seeds", (
         Row("baseline (unpruned): final test accuracy", "pruning", "baseline",
             reference=f"{100 * _R['schedules']['test_acc']['multistep']:.1f}% (MultiStepLR, Chapter 1)"),
         Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
-        Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"))),
+        Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"),
+        Row("pruned after training to 70%, unstructured, one-shot + 1 epoch fine-tuning", "pruning",
+            "after training/unstructured/fine-tuned 70"),
+        Row("... structured (70% of filters)", "pruning", "after training/structured/fine-tuned 70"),
+        Row("2:4 sparsity, one-shot, BatchNorm recalibrated", "pruning", "2:4"),
+        Row("Deep Compression: pruned + 4-bit k-means file, times smaller than fp32", "pruning",
+            "deep compression/ratio", fmt="x"),
+        Row("... its test accuracy", "pruning", "deep compression/accuracy"))),
     Chapter(4, "Transfer learning and LoRA", "04_lora",
             "Fashion-MNIST, ResNet-18 pretrained on 7 classes, 20 images of each of 3 others, mean of 3 seeds", (
         Row("pt_net (all layers trained): final test accuracy", "lora", "pt_net"),
@@ -139,6 +151,8 @@ def _fmt(value, fmt: str) -> str:
         return f"{100 * value:.1f}%"
     if fmt == "nats":
         return f"{value:.3f}"
+    if fmt == "x":
+        return f"{value:.1f}x"
     return "yes" if value is True else "no" if value is False else str(value)
 
 

@@ -440,3 +440,23 @@ def conv_as_matmul(conv: SparseConv2d, layout=torch.sparse_csr):
         ho = (h + 2 * p[0] - k[0]) // s[0] + 1
         return out.reshape(conv.out_channels, b, ho, -1).transpose(0, 1)
     return forward
+
+
+@torch.no_grad()
+def fold_masks(net: SparseConvNet) -> ConvNet:
+    """The dense ``ConvNet`` computing what the unstructurally pruned ``net`` computes: each
+    convolution's weight is its effective weight ``mask * weight`` (pruned entries exactly 0),
+    everything else copied. Its state dict is what a file of the pruned network must hold (the
+    raw weights under the mask are not needed). Structured (filter) pruning also masks
+    BatchNorm's output, so it needs ``compact`` instead: ValueError."""
+    if not isinstance(net, SparseConvNet):
+        raise TypeError(f"fold_masks takes a SparseConvNet, got {type(net).__name__}")
+    convs = [conv for conv, _, _ in net.features]
+    if any(conv.granularity != "weight" for conv in convs):
+        raise ValueError("fold_masks needs weight-granularity (unstructured) pruning; use compact for filters")
+    dense = ConvNet(convs[0].in_channels, net.classifier.out_features,
+                    channels=[conv.out_channels for conv in convs]).to(convs[0].weight.device)
+    state = {k: v for k, v in net.state_dict().items() if not k.endswith(".mask")}
+    state |= {f"{name}.weight": m.effective_weight() for name, m in sparse_layers(net).items()}
+    dense.load_state_dict(state)
+    return dense.train(net.training)

@@ -516,3 +516,44 @@ def test_sensitivity_vs_uniform_matches_the_overall_sparsity(tiny_sweep_settings
     assert len(plot_sensitivity(scans).get_lines()) == len(names)
     with pytest.raises(ValueError):
         sensitivity_vs_uniform(baselines, s, scans[:1], 0.01)
+
+
+def test_fold_masks_gives_the_same_function_with_exact_zeros():
+    from efficientml.pruning import fold_masks
+    torch.manual_seed(0)
+    net = SparseConvNet(1, 10, width=0.25, granularity="weight")
+    unstructured_pruning(net, 0.6)
+    with torch.no_grad():                       # nonzero raw weights under the mask must not leak
+        for m in sparse_layers(net).values():
+            m.weight.add_(1.0)
+    net.eval()
+    dense = fold_masks(net)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), net(x), atol=1e-6)
+    for name, m in sparse_layers(net).items():
+        w = dense.get_submodule(name).weight
+        assert torch.equal(w == 0, m.mask == 0)
+    with pytest.raises(ValueError, match="compact"):
+        fold_masks(SparseConvNet(1, 10, width=0.25, granularity="filter"))
+    with pytest.raises(TypeError):
+        fold_masks(ConvNet(1, 10, width=0.25))
+
+
+def test_deep_compression_stages_measure_files_and_read_them_back(tiny):
+    from efficientml.experiments.pruning import COMPRESSION_STAGES, compression_table, deep_compression
+    seed_everything(0)
+    dense = ConvNet(1, 10, width=0.25)
+    fit(dense, TensorLoader(tiny[0], 50, shuffle=True), None, epochs=1, lr=0.1, device="cpu", progress=False)
+    pruned = SparseConvNet.from_convnet(dense, "weight")
+    unstructured_pruning(pruned, 0.7)
+    test = TensorLoader(tiny[1], 100)
+    r = deep_compression(dense, pruned, test)
+    assert list(r) == [label for label, _, _ in COMPRESSION_STAGES]
+    assert r["dense, fp32"]["test_acc"] == evaluate(dense.eval(), test)[1]
+    assert r["pruned, fp32"]["test_acc"] == evaluate(pruned.eval(), test)[1]      # folding changes nothing
+    assert abs(r["pruned, fp32"]["bytes"] - r["dense, fp32"]["bytes"]) < 2000     # zeros stored dense cost the same
+    b = {label: v["bytes"] for label, v in r.items()}
+    assert b["pruned, 4-bit k-means"] < b["dense, 4-bit k-means"] < b["dense, fp32"] / 4
+    assert b["pruned, 2-bit k-means"] < b["pruned, 4-bit k-means"] < b["pruned, 4-bit linear"] * 1.1
+    assert "smaller by" in compression_table([r, r])

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import copy
 import functools
+import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..models import ConvNet
 from ..plots import markdown_table
-from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities, overall_sparsity, pruner,
-                       recalibrate_batchnorm, sensitivity_scan)
+from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities, fold_masks, overall_sparsity,
+                       pruner, recalibrate_batchnorm, sensitivity_scan, two_four_pruning)
 from ..seeds import SEEDS, Spread, spread
 from ..train import History, evaluate, fit
 from .core import register, seed_for, train_loaders
@@ -372,3 +374,80 @@ def sensitivity_vs_uniform(baselines: list[ConvNet], s: dict, scans: list[dict],
             r[name] = evaluate(recalibrate_batchnorm(net, calib), test_loader)[1]
         out.append(r)
     return out
+
+
+# -- 2:4 sparsity, and Deep Compression: pruning + quantization + sparse storage -----------------
+
+def two_four_over_seeds(baselines: list[ConvNet], s: dict, calibration: int = CALIBRATION_BATCHES,
+                        device=None) -> list[dict]:
+    """Each seed's trained baseline pruned one-shot to 2:4 sparsity (every layer whose in*kh*kw is
+    a multiple of 4; the first convolution, 1 x 3 x 3, stays dense), evaluated as it is and after
+    ``recalibrate_batchnorm``. Per seed {"dense", "2:4", "2:4 + BN recalibration": test accuracy,
+    "sparsity": fraction of all conv weights pruned, "groups ok": every group of 4 keeps exactly 2}."""
+    out = []
+    for model, seed in zip(baselines, s["seeds"]):
+        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+        net = SparseConvNet.from_convnet(model, "weight")
+        pruned = two_four_pruning(net, skip_indivisible=True)
+        groups_ok = all(net.get_submodule(name).mask.reshape(-1, 4).sum(1).eq(2).all() for name in pruned)
+        r = {"dense": evaluate(model, test_loader)[1], "2:4": evaluate(net, test_loader)[1]}
+        recalibrate_batchnorm(net, calibration_batches(train_loader, calibration))
+        out.append(r | {"2:4 + BN recalibration": evaluate(net, test_loader)[1],
+                        "sparsity": overall_sparsity(net), "groups ok": bool(groups_ok)})
+    return out
+
+
+# Deep Compression's stages: (label, which network, save_compressed arguments or None for fp32 torch.save)
+COMPRESSION_STAGES = [
+    ("dense, fp32", "dense", None),
+    ("pruned, fp32", "pruned", None),
+    ("dense, 4-bit k-means", "dense", dict(bits=4, method="kmeans")),
+    ("pruned, 4-bit linear", "pruned", dict(bits=4, method="linear")),
+    ("pruned, 4-bit k-means", "pruned", dict(bits=4, method="kmeans")),
+    ("pruned, 2-bit k-means", "pruned", dict(bits=2, method="kmeans")),
+]
+
+
+def deep_compression(dense: ConvNet, pruned: SparseConvNet, test_loader, stages=COMPRESSION_STAGES) -> dict:
+    """Deep Compression (Han et al., 2016) for one seed: the ``dense`` trained network and the
+    unstructurally ``pruned`` one (masks folded into the weights, ``fold_masks``), each written to a
+    file (in memory) as fp32 (``torch.save`` of the state dict) or by ``save_compressed`` (bitmap of
+    the nonzeros where it pays, quantized values packed), read back, and evaluated.
+    Returns {stage label: {"bytes": file size, "test_acc": accuracy of the network read back}}."""
+    from ..compression import load_compressed, save_compressed
+    nets = {"dense": copy.deepcopy(dense).eval(), "pruned": fold_masks(pruned).eval()}
+    out = {}
+    for label, which, kw in stages:
+        buf = io.BytesIO()
+        if kw is None:
+            torch.save(nets[which].state_dict(), buf)
+        else:
+            save_compressed(nets[which], buf, **kw)
+        size = buf.getbuffer().nbytes
+        buf.seek(0)
+        back = copy.deepcopy(nets[which])
+        if kw is None:
+            back.load_state_dict(torch.load(buf, weights_only=True))
+        else:
+            load_compressed(back, buf)
+        out[label] = {"bytes": size, "test_acc": evaluate(back, test_loader)[1]}
+    return out
+
+
+def deep_compression_over_seeds(runs: dict, s: dict, device=None) -> list[dict]:
+    """``deep_compression`` of each seed's baseline and unstructured network of ``train_pruning_runs``."""
+    out = []
+    for base, pruned, seed in zip(runs["baseline"], runs["unstructured"], s["seeds"]):
+        test_loader = train_loaders(s | {"seed": seed}, device)[1]
+        out.append(deep_compression(base.model, pruned.model, test_loader))
+    return out
+
+
+def compression_table(results: list[dict]) -> str:
+    """Markdown table of ``deep_compression_over_seeds``: bytes on disk (first seed), how many times
+    smaller than the dense fp32 file, and test accuracy (mean ± std over seeds)."""
+    first = results[0]
+    dense = first["dense, fp32"]["bytes"]
+    rows = [[label, f"{r['bytes']:,}", f"{dense / r['bytes']:.1f}x",
+             spread(res[label]["test_acc"] for res in results).pct()] for label, r in first.items()]
+    return markdown_table(rows, ["network, storage", "bytes on disk", "smaller by", "test accuracy"])
