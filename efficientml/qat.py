@@ -39,6 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .models import MLP
+from .quantization import _check_bits as _check_quantization_bits
 from .quantization import dequantize, quantize
 
 QAT_MODULES = (nn.Linear, nn.Conv2d)
@@ -71,11 +72,10 @@ def fake_quantize(w: torch.Tensor, bits: int, axis: int | None = None,
 
 
 def _check_bits(bits, symmetric: bool) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
-    lowest = 2 if symmetric else 1
-    if not lowest <= bits <= 8:
-        raise ValueError(f"bits must be between {lowest} and 8, got {bits}")
+    """``quantization``'s bit-width check, plus symmetric quantization's 2-bit minimum."""
+    bits = _check_quantization_bits(bits)
+    if symmetric and bits < 2:
+        raise ValueError(f"symmetric quantization needs at least 2 bits, got {bits}")
     return bits
 
 
