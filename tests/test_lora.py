@@ -365,18 +365,57 @@ def test_select_classes(fashion_test):
             fashion_test.select_classes(bad)
 
 
-def test_transfer_configs_sweep_the_rank():
-    s = experiments.settings("lora", "quick") | dict(runs=["pt_net", "lora_layer4"], r_backbone=8, lora_ranks=[2, 8, 32])
-    assert experiments.transfer_configs(s) == [("pt_net", "pt_net", None), ("lora_layer4 r=2", "lora_layer4", 2),
-                                               ("lora_layer4", "lora_layer4", 8), ("lora_layer4 r=32", "lora_layer4", 32)]
+def test_sweep_ranks_and_their_labels():
+    s = experiments.settings("lora", "quick") | dict(runs=["pt_net", "lora_layer4"], r_backbone=8, lora_ranks=[32, 2, 8])
+    assert experiments.sweep_ranks(s) == [2, 8, 32]
+    assert [experiments.rank_label(r, s) for r in (2, 8)] == ["lora_layer4 r=2", "lora_layer4"]
+    assert experiments.sweep_ranks(s | dict(runs=["pt_net"])) == []
+
+
+def test_paired_gap_and_sweep_summaries():
+    from efficientml.experiments.transfer import data_sweep, lr_sweep, paired_gap, rank_sweep, summarize
+    from efficientml.seeds import spread
+    gap = paired_gap(spread([0.6, 0.7, 0.5]), spread([0.5, 0.4, 0.45]))
+    assert gap.values == pytest.approx((0.1, 0.3, 0.05))
+    with pytest.raises(ValueError):
+        paired_gap(spread([0.6, 0.7]), spread([0.5]))
+    s = dict(r_backbone=8, n_per_class=10, lr=0.003)
+    hist = {"test_acc": [0.4, 0.6]}
+    # as read back from a result file: sweep keys are strings
+    out = {"runs": {"pt_net": [hist, hist], "lora_layer4": [hist, hist]}, "ranks": {"2": [0.5, 0.7]},
+           "data": {"pt_net": {"5": [0.3, 0.5]}}, "lrs": {"pt_net": {"0.01": [0.2, 0.4]}}}
+    sm = summarize(out)
+    assert sm["pt_net"]["final"].mean == pytest.approx(0.6) and sm["pt_net"]["epoch 1"].mean == pytest.approx(0.4)
+    assert {r: sp.mean for r, sp in rank_sweep(sm, s).items()} == pytest.approx({2: 0.6, 8: 0.6})
+    assert list(rank_sweep(sm, s)) == [2, 8]
+    assert {n: sp.mean for n, sp in data_sweep(sm, s)["pt_net"].items()} == pytest.approx({5: 0.4, 10: 0.6})
+    assert {lr: sp.mean for lr, sp in lr_sweep(sm, s)["pt_net"].items()} == pytest.approx({0.003: 0.6, 0.01: 0.3})
+    assert set(experiments.transfer.main_runs(sm)) == {"pt_net", "lora_layer4"}
+    import matplotlib
+    matplotlib.use("Agg")
+    from efficientml.experiments.transfer import plot_accuracy_vs_parameters, plot_data_sweep
+    ax = plot_data_sweep(sm, s)
+    (line,) = [ln for ln in ax.get_lines() if ln.get_label() == "pt_net"]  # the main run joins the sweep
+    assert list(line.get_xdata()) == [5, 10] and list(line.get_ydata()) == pytest.approx([40, 60])
+    cost = {"pt_net": {"trainable": 100}, "lora_layer4": {"trainable": 10}, "lora_layer4 r=2": {"trainable": 5}}
+    ax = plot_accuracy_vs_parameters(sm, cost, s)
+    sweep = [ln for ln in ax.get_lines() if ln.get_label().startswith("lora_layer4, r =")]
+    assert len(sweep) == 1 and list(sweep[0].get_xdata()) == [5, 10]
 
 
 def test_transfer_runs_train_and_measure_their_cost(data_dir):
     s = experiments.settings("lora", "quick") | dict(pretrain_per_class=20, pretrain_epochs=1, n_per_class=4,
                                                      test_per_class=10, epochs=2, seeds=[0, 1], probe=True,
                                                      runs=["net_freeze", "net_freeze_lora", "lora_layer4"],
-                                                     lora_ranks=[])
+                                                     lora_ranks=[1], data_runs=["net_freeze"], data_sizes=[2],
+                                                     lr_grid=[0.03])
     out = experiments.train_transfer_runs(s, device="cpu", progress=False)
+    # the sweeps: one final accuracy per seed for each point, in [0, 1]
+    assert set(out["ranks"]) == {1} and set(out["data"]) == set(out["lrs"]) == {"net_freeze"}
+    assert set(out["data"]["net_freeze"]) == {2} and set(out["lrs"]["net_freeze"]) == {0.03}
+    for v in (out["ranks"][1], out["data"]["net_freeze"][2], out["lrs"]["net_freeze"][0.03]):
+        assert len(v) == 2 and all(0 <= a <= 1 for a in v)
+    assert out["cost"]["lora_layer4 r=1"]["trainable"] < out["cost"]["lora_layer4"]["trainable"]
     assert out["pretrain"].epochs == 1
     assert set(out["runs"]) == {"net_freeze", "net_freeze_lora", "lora_layer4"}
     for c in out["cost"].values():  # a step holds at least its activations, gradients and momentum at once
@@ -385,6 +424,15 @@ def test_transfer_runs_train_and_measure_their_cost(data_dir):
     assert out["cost"]["lora_layer4"]["peak_step_bytes"] < out["cost"]["net_freeze"]["peak_step_bytes"]
     conv = out["models"]["lora_layer4"].layer4[0].conv1
     assert isinstance(conv, LoRAConv2d) and conv.lora_B.abs().sum() > 0  # the update was trained
+    from efficientml.experiments.transfer import (accuracy_table, data_table, lr_table, rank_table,
+                                                  record_values, summarize)
+    sm = summarize(out)
+    assert [row[0] for row in rank_table(sm, out["cost"], s)[0]] == [1, s["r_backbone"]]
+    assert [row[0] for row in data_table(sm, s, "net_freeze", "net_freeze")[0]] == [2, 4]
+    assert [row[0] for row in lr_table(sm, s)[0]] == ["0.003 (the chapter's)", "0.03"]
+    assert len(accuracy_table(sm)[0]) == 3 + 2  # the runs and the two probes
+    rec = record_values(sm, out["cost"], out["pretrain"])
+    assert set(rec["ranks"]) == {"1"} and set(rec["data"]["net_freeze"]) == {"2"} and "lora_layer4" in rec
     for name, hists in out["runs"].items():
         assert len(hists) == 2 and all(h.epochs == 2 and len(h.train_time) == 2 for h in hists)
         cost, model = out["cost"][name], out["models"][name]

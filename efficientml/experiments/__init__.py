@@ -10,7 +10,7 @@ from .learning_rates import CONVNET_FULL, CONVNET_QUICK, convnet_size, train_con
 from .quantization import (MLP_FULL, MLP_QUICK, bits_table, change_spread, plot_sweep, quantization_over_seeds,
                            quantization_sweep, reference_table, sweep_spread, sweep_table, train_mlp)
 from .pruning import PRUNING_FULL, PRUNING_QUICK, train_pruning_runs
-from .transfer import (LORA_FULL, LORA_QUICK, TRANSFER_RUNS, pretrained_backbone, train_transfer_runs, transfer_configs,
+from .transfer import (LORA_FULL, LORA_QUICK, TRANSFER_RUNS, pretrained_backbone, rank_label, sweep_ranks, train_transfer_runs,
                        transfer_model)
 from .transformer import TRANSFORMER_FULL, TRANSFORMER_QUICK, sequence_accuracy, train_sequence_transformer
 from .language_model import (LM_FULL, LM_QUICK, finetune_language_model, finetune_model, finetune_runs,

@@ -24,7 +24,7 @@ LORA_ATTENTION = ("w_q", "w_k", "w_v", "w_o")  # the attention projections of ev
 # end of the file), whose speakers, setting and vocabulary the model never saw in training. Its
 # first ``ft_fraction`` fine-tunes, the rest measures; the model was trained on the first 90%.
 FINETUNE = dict(ft_marker="\n\nMaster:\nBoatswain!", ft_fraction=0.7, ft_epochs=4, ft_steps=50, ft_batch_size=12,
-                ft_warmup=20, ft_lr_full=3e-4, ft_lr_lora=1e-2, ft_alpha_per_rank=2, ft_ranks=[1, 2, 4, 8],
+                ft_warmup=20, ft_lr_full=3e-4, ft_lr_lora=1e-2, ft_alpha_per_rank=2, ft_ranks=[1, 4, 8],
                 ft_eval_batches=10, ft_eval_batch_size=64, ft_seeds=[0, 1, 2])
 
 
