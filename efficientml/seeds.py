@@ -77,6 +77,14 @@ def spread(values: Iterable[float]) -> Spread:
     return Spread(tuple(float(v) for v in values))
 
 
+def paired_gap(a: Spread, b: Spread) -> Spread:
+    """The ``Spread`` of the per-seed differences a - b of two results over the same seeds, in
+    the same order (a paired comparison: what a seed changes for both alike cancels)."""
+    if a.n != b.n:
+        raise ValueError(f"paired results need the same seeds, got {a.n} and {b.n} values")
+    return spread(x - y for x, y in zip(a.values, b.values))
+
+
 def final(histories: Sequence, key: str = "test_acc") -> Spread:
     """The ``Spread`` over seeds of each History's last value of ``key`` (e.g. ``test_acc``)."""
     return spread(getattr(h, key)[-1] for h in histories)

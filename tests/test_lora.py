@@ -373,8 +373,8 @@ def test_sweep_ranks_and_their_labels():
 
 
 def test_paired_gap_and_sweep_summaries():
-    from efficientml.experiments.transfer import data_sweep, lr_sweep, paired_gap, rank_sweep, summarize
-    from efficientml.seeds import spread
+    from efficientml.experiments.transfer import data_sweep, lr_sweep, rank_sweep, summarize
+    from efficientml.seeds import paired_gap, spread
     gap = paired_gap(spread([0.6, 0.7, 0.5]), spread([0.5, 0.4, 0.45]))
     assert gap.values == pytest.approx((0.1, 0.3, 0.05))
     with pytest.raises(ValueError):

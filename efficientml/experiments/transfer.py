@@ -10,7 +10,7 @@ from ..data import DATASETS, TensorLoader
 from ..lora import (add_lora, freeze, gradient_bytes, lora_targets, optimizer_state_bytes, parameter_count,
                     peak_memory_bytes, saved_activation_bytes, stages)
 from ..models import resnet18
-from ..seeds import SEEDS, spread
+from ..seeds import SEEDS, paired_gap, spread
 from ..train import evaluate, fit, make_optimizer, select_device
 from .core import _checkpoint, class_split, register, seed_for, train_loaders
 
@@ -220,7 +220,7 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
         for r in extra_ranks:
             ranks[r].append(final_accuracy("lora_layer4", train_loader, s["lr"], f"lora-lora_layer4-r{r}", r))
         for n in data_sizes:
-            loader_n = train_loaders(si | {"n_per_class": n}, device, s["target_classes"])[0]
+            loader_n = train_loaders(si, device, s["target_classes"], n_per_class=n)[0]
             for name in data_runs:
                 data[name][n].append(final_accuracy(name, loader_n, s["lr"], f"lora-{name}-n{n}"))
         for lr in lr_grid:
@@ -324,7 +324,10 @@ def lr_sweep(summary: dict, s: dict) -> dict:
     learning rates of ``s["lr_grid"]`` and, from the main runs, ``s["lr"]``."""
     out = {}
     for name, d in summary.get("lrs", {}).items():
-        out[name] = dict(sorted((dict(d) | ({s["lr"]: summary[name]["final"]} if name in summary else {})).items()))
+        d = dict(d)
+        if name in summary:
+            d[s["lr"]] = summary[name]["final"]
+        out[name] = dict(sorted(d.items()))
     return out
 
 
@@ -460,13 +463,6 @@ def lr_table(summary: dict, s: dict) -> tuple[list[list], list[str]]:
     rows = [[f"{lr:g}" + (" (the chapter's)" if lr == s["lr"] else "")] + [d[n][lr].pct() for n in names]
             for lr in lrs]
     return rows, ["learning rate", *names]
-
-
-def paired_gap(a, b):
-    """The ``Spread`` of the per-seed differences a - b of two ``Spread``s over the same seeds."""
-    if a.n != b.n:
-        raise ValueError(f"paired results need the same seeds, got {a.n} and {b.n} values")
-    return spread(x - y for x, y in zip(a.values, b.values))
 
 
 def accuracy_table(summary: dict) -> tuple[list[list], list[str]]:
