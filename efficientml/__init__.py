@@ -2,8 +2,9 @@
 
 One obvious home for each idea: ``data`` (data sets and the tensor-resident loader), ``train``
 (``fit``, the one training engine), ``models``, ``quantization``, ``pruning``, ``lora``,
-``transformer``, ``plots``, ``reproducibility``, ``profiles`` and ``results``
-(quick/full profiles, JSON results with provenance), ``experiments`` (what the CLI runs).
+``transformer``, ``ngram`` (a language model's baselines), ``plots``, ``reproducibility``,
+``profiles`` and ``results`` (quick/full profiles, JSON results with provenance),
+``experiments`` (what the CLI runs).
 """
 from .data import DataMissingError, ImageDataset, TensorLoader, data_root, load_dataset
 from .models import MLP, ConvNet, count_macs, count_parameters

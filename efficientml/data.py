@@ -408,20 +408,3 @@ class TokenBatches:
             i = torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size, 1), generator=g)
             window = self.tokens[i.to(self.device) + offsets]          # (B, block + 1)
             yield window[:, :-1], window[:, 1:]
-
-
-def unigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
-    """H(X) in nats: the loss per token of the best model that ignores context (frequencies only)."""
-    counts = torch.bincount(tokens, minlength=vocab_size or 0).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log()).sum())
-
-
-def bigram_entropy(tokens: torch.Tensor, vocab_size: int | None = None) -> float:
-    """H(X_t+1 | X_t) in nats: the loss per token of the best model that sees only the previous token."""
-    v = vocab_size or int(tokens.max()) + 1
-    counts = torch.bincount(tokens[:-1] * v + tokens[1:], minlength=v * v).double().view(v, v)
-    joint = counts / counts.sum()
-    cond = counts / counts.sum(1, keepdim=True).clamp_min(1)
-    nz = counts > 0
-    return float(-(joint[nz] * cond[nz].log()).sum())

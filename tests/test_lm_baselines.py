@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 
-from efficientml.data import bigram_entropy, unigram_entropy
-from efficientml.experiments.language_model import (baselines, bigram_cross_entropy,
-                                                    unigram_cross_entropy)
+from efficientml.experiments.language_model import baselines
+from efficientml.ngram import bigram_cross_entropy, bigram_entropy, unigram_cross_entropy, unigram_entropy
 
 
 def test_unigram_cross_entropy_by_hand():
@@ -70,3 +69,9 @@ def test_unseen_tokens_cost_a_finite_amount_and_bad_input_is_rejected():
         bigram_cross_entropy(fit, torch.tensor([1]), 3)
     with pytest.raises(TypeError, match="1-D integer"):
         unigram_cross_entropy(fit.float(), ev, 3)
+    with pytest.raises(ValueError, match="outside"):
+        unigram_entropy(torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="at least 2"):
+        bigram_entropy(torch.tensor([1]))
+    with pytest.raises(TypeError, match="1-D integer"):
+        bigram_entropy(torch.zeros(2, 3, dtype=torch.long))

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ..data import CharTokenizer, TokenBatches, bigram_entropy, load_text, split_tokens, unigram_entropy
+from ..data import CharTokenizer, TokenBatches, load_text, split_tokens
 from ..lora import add_lora, freeze, lora_targets, optimizer_state_bytes, parameter_count
 from ..models import count_parameters
+from ..ngram import bigram_cross_entropy, bigram_entropy, unigram_cross_entropy, unigram_entropy
 from ..reference import REFERENCE
 from ..seeds import spread
 from ..train import LN2, History, evaluate, fit, make_optimizer, select_device
@@ -84,47 +85,6 @@ def run_language_model(s: dict, out_dir: Path | None, device, progress) -> dict:
 
 
 # -- Baselines from the text's statistics, and the chapter's tables ----------------------------
-
-def _check_tokens(tokens: torch.Tensor, vocab_size: int, name: str, min_len: int) -> torch.Tensor:
-    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a 1-D integer tensor of token ids")
-    if len(tokens) < min_len:
-        raise ValueError(f"{name} needs at least {min_len} tokens, got {len(tokens)}")
-    if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < vocab_size):
-        raise ValueError(f"{name} holds ids outside 0..{vocab_size - 1}")
-    return tokens.long()
-
-
-def unigram_cross_entropy(fit_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
-                          alpha: float = 1.0) -> float:
-    """Cross-entropy in nats per token, on ``eval_tokens`` (N,), of the unigram model fitted to
-    ``fit_tokens``: p(c) = (n(c) + alpha) / (n + alpha V), with n(c) the count of token c among
-    the n fitting tokens and V = ``vocab_size``. ``alpha`` > 0 smooths (1: add-one, Laplace), so a
-    token never seen in fitting costs a finite amount."""
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    fit = _check_tokens(fit_tokens, vocab_size, "fit_tokens", 1)
-    ev = _check_tokens(eval_tokens, vocab_size, "eval_tokens", 1)
-    counts = torch.bincount(fit, minlength=vocab_size).double() + alpha
-    return float(-(counts / counts.sum()).log()[ev].mean())
-
-
-def bigram_cross_entropy(fit_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,
-                         alpha: float = 1.0) -> float:
-    """Cross-entropy in nats per token, over the N - 1 consecutive pairs (a, b) of ``eval_tokens``
-    (N,), of the bigram model fitted to ``fit_tokens``: p(b | a) = (n(a, b) + alpha) / (n(a) +
-    alpha V), with n(a, b) the count of the pair among the fitting pairs, n(a) = sum_b n(a, b) and
-    V = ``vocab_size``. ``alpha`` > 0 smooths (1: add-one, Laplace); as alpha -> 0 with
-    ``eval_tokens = fit_tokens`` it tends to the conditional entropy ``data.bigram_entropy``."""
-    if not alpha > 0:
-        raise ValueError(f"alpha must be > 0, got {alpha}")
-    fit = _check_tokens(fit_tokens, vocab_size, "fit_tokens", 2)
-    ev = _check_tokens(eval_tokens, vocab_size, "eval_tokens", 2)
-    v = vocab_size
-    counts = torch.bincount(fit[:-1] * v + fit[1:], minlength=v * v).double().view(v, v) + alpha
-    log_p = (counts / counts.sum(1, keepdim=True)).log()
-    return float(-log_p[ev[:-1], ev[1:]].mean())
-
 
 def baselines(train: torch.Tensor, val: torch.Tensor, vocab_size: int, alpha: float = 1.0) -> dict:
     """Chapter 6's baselines in nats per character: ``{name: {"train": loss on the training text
