@@ -97,25 +97,46 @@ class ImageDataset:
         """Number of examples of each class, shape (num_classes,)."""
         return torch.bincount(self.labels, minlength=self.num_classes)
 
-    def subset(self, n_per_class: int, seed: int = 0) -> "ImageDataset":
+    def subset(self, n_per_class: int, seed: int = 0, skip: int = 0) -> "ImageDataset":
         """A class-balanced subset: ``n_per_class`` examples of every class, chosen by ``seed``.
 
         The same (n_per_class, seed) always gives the same examples, in a class-interleaved order.
+        Each class's examples are shuffled by ``seed`` and the subset takes them from position
+        ``skip`` on, so ``subset(m, seed, skip=n)`` shares no example with ``subset(n, seed)``: a
+        held-out validation split beside a training subset.
         """
         if not isinstance(n_per_class, int) or n_per_class < 1:
             raise ValueError(f"n_per_class must be a positive int, got {n_per_class!r}")
+        if not isinstance(skip, int) or skip < 0:
+            raise ValueError(f"skip must be an int >= 0, got {skip!r}")
         counts = self.class_counts()
-        if int(counts.min()) < n_per_class:
+        if int(counts.min()) < skip + n_per_class:
             raise ValueError(f"{self.name} has only {int(counts.min())} examples of its rarest class; "
-                             f"cannot take {n_per_class} per class")
+                             f"cannot take {n_per_class} per class"
+                             + (f" after skipping {skip}" if skip else ""))
         g = torch.Generator().manual_seed(seed)
         picks = []
         for c in range(self.num_classes):
             rows = torch.nonzero(self.labels == c).squeeze(1)
-            picks.append(rows[torch.randperm(len(rows), generator=g)[:n_per_class]])
+            picks.append(rows[torch.randperm(len(rows), generator=g)[skip:skip + n_per_class]])
         rows = torch.stack(picks, dim=1).reshape(-1)  # interleave classes: c0, c1, ..., c0, c1, ...
-        base = self.indices if self.indices is not None else torch.arange(len(self))
-        return replace(self, images=self.images[rows], labels=self.labels[rows], indices=base[rows])
+        return self._rows(rows)
+
+    def without(self, other: "ImageDataset") -> "ImageDataset":
+        """The examples of this data set that ``other`` (a subset of the same split, e.g. a
+        validation split) does not hold, in their order here."""
+        if (other.name, other.train) != (self.name, self.train):
+            raise ValueError(f"{other.name} ({'train' if other.train else 'test'}) is not a subset "
+                             f"of {self.name} ({'train' if self.train else 'test'})")
+        keep = torch.nonzero(~torch.isin(self._base(), other._base())).squeeze(1)
+        return self._rows(keep)
+
+    def _base(self) -> torch.Tensor:
+        """Each example's row in the full split."""
+        return self.indices if self.indices is not None else torch.arange(len(self))
+
+    def _rows(self, rows: torch.Tensor) -> "ImageDataset":
+        return replace(self, images=self.images[rows], labels=self.labels[rows], indices=self._base()[rows])
 
 
     def select_classes(self, classes: list[int]) -> "ImageDataset":
@@ -128,9 +149,8 @@ class ImageDataset:
         new_label = torch.full((self.num_classes,), -1, dtype=torch.int64)
         new_label[classes] = torch.arange(len(classes))
         keep = torch.nonzero(new_label[self.labels] >= 0).squeeze(1)
-        base = self.indices if self.indices is not None else torch.arange(len(self))
         return replace(self, images=self.images[keep], labels=new_label[self.labels[keep]],
-                       classes=[self.classes[c] for c in classes], indices=base[keep])
+                       classes=[self.classes[c] for c in classes], indices=self._base()[keep])
 
 
 def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None = None,

@@ -118,6 +118,35 @@ def test_subset_rejects_impossible_sizes(fashion_train, n):
         fashion_train.subset(n)
 
 
+def test_subset_skip_holds_out_the_next_examples(fashion_train):
+    train = fashion_train.subset(30, seed=4)
+    held_out = fashion_train.subset(20, seed=4, skip=30)
+    both = fashion_train.subset(50, seed=4)  # the same shuffle per class: the first 30, then 20
+    assert held_out.class_counts().tolist() == [20] * 10
+    assert not set(train.indices.tolist()) & set(held_out.indices.tolist())
+    assert set(train.indices.tolist()) | set(held_out.indices.tolist()) == set(both.indices.tolist())
+    assert torch.equal(held_out.images, fashion_train.images[held_out.indices])
+    for skip in (-1, 1.5, 5990):
+        with pytest.raises(ValueError):
+            fashion_train.subset(20, seed=4, skip=skip)
+
+
+def test_without_removes_exactly_the_other_examples(fashion_test):
+    part = fashion_test.subset(7, seed=0)
+    rest = fashion_test.without(part)
+    assert len(rest) == len(fashion_test) - 70
+    assert not set(rest.indices.tolist()) & set(part.indices.tolist())
+    assert torch.equal(rest.images, fashion_test.images[rest.indices])
+    assert torch.equal(rest.labels, fashion_test.labels[rest.indices])
+    assert rest.indices.tolist() == sorted(rest.indices.tolist())  # the order kept
+    shoes = fashion_test.select_classes([5, 7, 9])  # relabelled; indices still into the split
+    fewer = shoes.without(part)
+    assert len(fewer) == len(shoes) - 21 and fewer.class_counts().tolist() == [993] * 3
+    with pytest.raises(ValueError, match="not a subset"):
+        fashion_test.without(ImageDataset("other", False, part.images, part.labels, part.classes,
+                                          part.mean, part.std))
+
+
 def test_imagedataset_checks_its_tensors():
     with pytest.raises(TypeError, match="uint8"):
         ImageDataset("x", True, torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), ["a"], (0.5,), (0.5,))

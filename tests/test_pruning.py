@@ -6,7 +6,8 @@ from torch import nn
 from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, evaluate, fit, seed_everything
 from efficientml.experiments import EXPERIMENTS
 from efficientml.experiments.pruning import (METHODS, _PruneDuring, calibration_batches, gradual_targets,
-                                             plot_sensitivity, plot_sparsity_sweep, sensitivity_vs_uniform,
+                                             plot_sensitivity, plot_sparsity_sweep, sensitivity_scans,
+                                             sensitivity_vs_uniform,
                                              sparsity_sweeps, sweep_spreads, sweep_table)
 from efficientml.pruning import (PruningSchedule, SparseConv2d, SparseConvNet, choose_sparsities, compact,
                                  conv_as_matmul, filter_l1_pruning, n_m_mask, n_m_pruning, n_m_storage,
@@ -457,8 +458,9 @@ def test_gradual_targets_and_pruning_during_training():
 
 @pytest.fixture(scope="module")
 def tiny_sweep_settings(data_dir):
-    return EXPERIMENTS["pruning"].settings["quick"] | dict(n_per_class=5, test_per_class=5, width=0.25,
-                                                          batch_size=25, seeds=[0, 1], profile="quick")
+    return EXPERIMENTS["pruning"].settings["quick"] | dict(n_per_class=5, val_per_class=4, test_per_class=5,
+                                                          width=0.25, batch_size=25, seeds=[0, 1],
+                                                          profile="quick")
 
 
 def test_sparsity_sweep_on_a_tiny_setting(tiny_sweep_settings):
@@ -499,6 +501,33 @@ def test_sparsity_sweep_on_a_tiny_setting(tiny_sweep_settings):
         sparsity_sweeps(baselines, s, sparsities=(0.3,), finetune_sparsities=(0.6,))
     with pytest.raises(ValueError):
         sparsity_sweeps(baselines * 2, s)
+
+
+def test_sensitivity_scans_measure_on_the_validation_split(tiny_sweep_settings):
+    from efficientml.experiments import train_loaders, validation_split
+    s = tiny_sweep_settings
+    baselines = [_trained_like_convnet(seed) for seed in s["seeds"]]
+    scans = sensitivity_scans(baselines, s, (0.5,), "unstructured", calibration=None, device="cpu")
+    for model, seed, scan in zip(baselines, s["seeds"], scans):
+        ss = s | {"seed": seed}
+        val = validation_split(ss)
+        train = train_loaders(ss, "cpu")[2]
+        assert len(val) == 40 and not set(val.indices.tolist()) & set(train.indices.tolist())
+        assert scan == sensitivity_scan(model, TensorLoader(val, 1000), (0.5,), "unstructured")
+
+
+def test_validation_split_is_never_trained_on(tiny_sweep_settings):
+    from efficientml.experiments import train_loaders, validation_split
+    s = tiny_sweep_settings | {"seed": 0}
+    val = set(validation_split(s).indices.tolist())
+    assert not val & set(train_loaders(s, "cpu", n_per_class=3)[2].indices.tolist())  # a prefix: fine
+    with pytest.raises(ValueError, match="overlap"):
+        train_loaders(s, "cpu", n_per_class=6)
+    whole = train_loaders(s | {"n_per_class": None}, "cpu")[2]  # the whole split, less the validation
+    whole_val = set(validation_split(s | {"n_per_class": None}).indices.tolist())
+    assert len(whole) == 60000 - 40 and not whole_val & set(whole.indices.tolist())
+    with pytest.raises(ValueError, match="val_per_class"):
+        validation_split(s | {"val_per_class": None})
 
 
 def test_sensitivity_vs_uniform_matches_the_overall_sparsity(tiny_sweep_settings):

@@ -48,13 +48,35 @@ def train_loaders(s: dict, device, classes: list[int] | None = None, n_per_class
     ``test_per_class``, ``batch_size``, ``augment`` and ``seed``; returns (train loader, test
     loader, training ImageDataset). ``classes``: only those classes, relabelled 0..k-1 (see
     ``class_split``); ``n_per_class`` overrides ``s["n_per_class"]``. ``device`` None means the
-    best available."""
+    best available. Where ``s`` has ``val_per_class``, the training set never holds an example
+    of ``validation_split(s)``."""
     device = select_device(device)
-    train = class_split(s, classes, True, n_per_class or s.get("n_per_class"))
+    n_per_class = n_per_class or s.get("n_per_class")
+    train = class_split(s, classes, True, n_per_class)
+    if s.get("val_per_class"):
+        if not n_per_class:
+            train = train.without(validation_split(s, classes))
+        elif n_per_class > (s.get("n_per_class") or 0):  # a smaller subset is a prefix: disjoint
+            raise ValueError(f"{n_per_class} training examples per class would overlap the validation "
+                             f"split drawn after the first {s.get('n_per_class')}")
     test = class_split(s, classes, False, s.get("test_per_class"))
     return (TensorLoader(train, s["batch_size"], shuffle=True, augment=s.get("augment", False),
                          device=device, seed=s["seed"]),
             TensorLoader(test, 1000, device=device), train)
+
+
+def validation_split(s: dict, classes: list[int] | None = None):
+    """``s["val_per_class"]`` examples of every class of the training split, none of which
+    ``train_loaders(s)`` trains on: for choices (a sparsity, a learning rate) that must not look
+    at the test set. With a training subset (``s["n_per_class"]``) they are the examples drawn
+    right after it (``ImageDataset.subset``'s ``skip``); with the whole split, ``train_loaders``
+    leaves them out of training."""
+    if not s.get("val_per_class"):
+        raise ValueError("settings have no val_per_class: no validation split is held out")
+    ds = load_dataset(s["dataset"], train=True)
+    if classes is not None:
+        ds = ds.select_classes(classes)
+    return ds.subset(s["val_per_class"], seed=s["seed"], skip=s.get("n_per_class") or 0)
 
 
 def class_split(s: dict, classes: list[int] | None, train: bool, n_per_class: int | None):

@@ -18,8 +18,9 @@ from ..plots import markdown_table
 from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities, fold_masks, overall_sparsity,
                        pruner, recalibrate_batchnorm, sensitivity_scan, two_four_pruning)
 from ..seeds import SEEDS, Spread, spread
-from ..train import History, evaluate, fit
-from .core import register, seed_for, train_loaders
+from ..data import TensorLoader
+from ..train import History, evaluate, fit, select_device
+from .core import register, seed_for, train_loaders, validation_split
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, train_convnet
 
 PRUNING_NAMES = ("baseline", "structured", "unstructured")
@@ -62,12 +63,14 @@ def train_pruning_runs(s: dict, out_dir: Path | None = None, device=None, progre
 
 # Quick: 3 seeds in the chapter's budget, so 150 training images per class (20 epochs, the
 # assignment's schedule scaled down by 5). Full: the assignment's single run on CIFAR-10.
-PRUNING_QUICK = CONVNET_QUICK | dict(n_per_class=150, test_per_class=100, lr=0.1, epochs=20,
-                                     milestones=[5, 10, 15], gamma=0.1, prune_start=2, prune_every=2,
-                                     prune_stop=10, prune_step=0.1, seeds=list(SEEDS))
-PRUNING_FULL = CONVNET_FULL | dict(lr=0.1, epochs=100, milestones=[25, 50, 75], gamma=0.1,
-                                   prune_start=10, prune_every=10, prune_stop=50, prune_step=0.1,
-                                   seeds=[0])
+# val_per_class: training-split images held out for the sensitivity scan's choices (3.7); the
+# quick profile draws them after its training subset, the full one trains on the rest of the split.
+PRUNING_QUICK = CONVNET_QUICK | dict(n_per_class=150, val_per_class=100, test_per_class=100, lr=0.1,
+                                     epochs=20, milestones=[5, 10, 15], gamma=0.1, prune_start=2,
+                                     prune_every=2, prune_stop=10, prune_step=0.1, seeds=list(SEEDS))
+PRUNING_FULL = CONVNET_FULL | dict(val_per_class=500, lr=0.1, epochs=100, milestones=[25, 50, 75],
+                                   gamma=0.1, prune_start=10, prune_every=10, prune_stop=50,
+                                   prune_step=0.1, seeds=[0])
 
 
 @register("pruning", "Chapter 3: ConvNet baseline vs structured (filter L1) and unstructured pruning to 50%.",
@@ -307,16 +310,19 @@ def plot_sparsity_sweep(sweeps: list[dict], ax=None, kinds=None, title: str | No
 def sensitivity_scans(baselines: list[ConvNet], s: dict, sparsities=(0.3, 0.5, 0.7, 0.9),
                       kind: str = "unstructured", calibration: int | None = CALIBRATION_BATCHES,
                       device=None) -> list[dict]:
-    """``sensitivity_scan`` of each seed's baseline on its own test set, BatchNorm statistics
-    re-estimated after each pruning on ``calibration`` batches of its training loader (None: not
-    re-estimated): [{layer: {sparsity: acc}}]."""
+    """``sensitivity_scan`` of each seed's baseline on its own validation split
+    (``validation_split``: training images it never trained on; the test set stays for the final
+    comparison), BatchNorm statistics re-estimated after each pruning on ``calibration`` batches
+    of its training loader (None: not re-estimated): [{layer: {sparsity: validation acc}}]."""
     if len(baselines) > len(s["seeds"]):
         raise ValueError(f"{len(baselines)} baselines but only seeds {s['seeds']}")
     scans = []
     for model, seed in zip(baselines, s["seeds"]):
-        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+        ss = s | {"seed": seed}
+        train_loader = train_loaders(ss, device)[0]
+        val_loader = TensorLoader(validation_split(ss), 1000, device=select_device(device))
         calib = None if calibration is None else calibration_batches(train_loader, calibration)
-        scans.append(sensitivity_scan(model, test_loader, sparsities, kind, calib, device))
+        scans.append(sensitivity_scan(model, val_loader, sparsities, kind, calib, device))
     return scans
 
 
@@ -326,9 +332,10 @@ def mean_scan(scans: list[dict]) -> dict:
             for name, accs in scans[0].items()}
 
 
-def plot_sensitivity(scans, ax=None, kind: str | None = None):
-    """Test accuracy against the sparsity of ONE layer, the others unpruned: one line per layer (dark
-    to light from input to output), the mean over the scans of a list (one per seed) or one scan."""
+def plot_sensitivity(scans, ax=None, kind: str | None = None, split: str = "validation"):
+    """Accuracy on ``split`` (what the scans measured on: ``sensitivity_scans`` uses the validation
+    split) against the sparsity of ONE layer, the others unpruned: one line per layer (dark to light
+    from input to output), the mean over the scans of a list (one per seed) or one scan."""
     import matplotlib.pyplot as plt
     scans = [scans] if isinstance(scans, dict) else list(scans)
     ax = ax or plt.subplots(figsize=(7, 4.2))[1]
@@ -337,7 +344,7 @@ def plot_sensitivity(scans, ax=None, kind: str | None = None):
     for i, (name, accs) in enumerate(scan.items()):
         ax.plot([100 * p for p in accs], [100 * a for a in accs.values()], marker=".",
                 color=cmap(i / max(1, len(scan) - 1)), label=name)
-    ax.set(xlabel="sparsity of the one pruned layer (%)", ylabel="test accuracy (%)",
+    ax.set(xlabel="sparsity of the one pruned layer (%)", ylabel=f"{split} accuracy (%)",
            title=f"per-layer sensitivity{f' ({kind})' if kind else ''}, one-shot, "
                  f"mean of {len(scans)} scan{'s' * (len(scans) > 1)}")
     ax.legend(fontsize="small", ncol=2)
