@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..data import TensorLoader
 from ..models import ConvNet
 from ..plots import markdown_table
 from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities, fold_masks, overall_sparsity,
                        pruner, recalibrate_batchnorm, sensitivity_scan, two_four_pruning)
 from ..seeds import SEEDS, Spread, spread
-from ..data import TensorLoader
 from ..train import History, evaluate, fit, select_device
 from .core import register, seed_for, train_loaders, validation_split
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, train_convnet
