@@ -194,26 +194,26 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
     lrs = {name: {lr: [] for lr in lr_grid} for name in data_runs}
     probe = {"pretrained": [], "random": []}
 
-    def build(name, num_classes, label, r=None):
-        model = transfer_model(name, backbone, num_classes, s, r)
+    def build(name, target, label, r=None):
+        """A new model ``name`` for the target data set ``target``; its cost measured once per label."""
+        model = transfer_model(name, backbone, target.num_classes, s, r)
         if label not in cost:
-            cost[label] = measure_cost(model, (s["batch_size"], *train.images.shape[1:]), num_classes, s)
+            cost[label] = measure_cost(model, (s["batch_size"], *target.shape), target.num_classes, s)
         return model
 
     for seed in s["seeds"]:
         si = s | {"seed": seed}
         train_loader, test_loader, train = train_loaders(si, device, s["target_classes"])
-        k = train.num_classes
         for name in s["runs"]:
             seed_for(seed, device)  # every run of a seed: the same new classifier, the same batches
-            model = build(name, k, name)
+            model = build(name, train, name)
             runs[name].append(_fine_tune(model, train_loader, test_loader, s, s["lr"], device, out_dir,
                                          f"lora-{name}-seed{seed}", progress))
             models.setdefault(name, model)
 
         def final_accuracy(name, loader, lr, stem, r=None):
             seed_for(seed, device)
-            model = build(name, k, rank_label(r, s) if r is not None else name, r)
+            model = build(name, train, rank_label(r, s) if r is not None else name, r)
             _fine_tune(model, loader, None, s, lr, device, out_dir, f"{stem}-seed{seed}", progress)
             return evaluate(model, test_loader, device)[1]
 
@@ -229,7 +229,7 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
         if s.get("probe"):
             seed_for(seed, device)
             probe["pretrained"].append(linear_probe(backbone, si, device))
-            probe["random"].append(linear_probe(resnet18(k, in_channels), si, device))
+            probe["random"].append(linear_probe(resnet18(train.num_classes, in_channels), si, device))
     out = {"pretrain": pre_hist, "runs": runs, "models": models, "cost": cost, "ranks": ranks, "data": data,
            "lrs": lrs}
     return out | ({"probe": probe} if s.get("probe") else {})
