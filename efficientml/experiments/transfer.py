@@ -307,28 +307,28 @@ def rank_sweep(summary: dict, s: dict) -> dict:
     return dict(sorted(out.items()))
 
 
+def _sweep(summary: dict, key: str, main_x) -> dict:
+    """``{name: {x: Spread}}`` of ``summary[key]`` with each run's main result (its ``"final"``)
+    added at ``main_x`` (None: not added), in increasing x."""
+    out = {}
+    for name, d in summary.get(key, {}).items():
+        d = dict(d)
+        if main_x is not None and name in summary:
+            d[main_x] = summary[name]["final"]
+        out[name] = dict(sorted(d.items()))
+    return out
+
+
 def data_sweep(summary: dict, s: dict) -> dict:
     """``{name: {images per class: Spread of final test accuracy}}`` for the runs of
     ``s["data_runs"]``, the main runs' size ``s["n_per_class"]`` (if not all) included."""
-    out = {}
-    for name, d in summary.get("data", {}).items():
-        out[name] = dict(d)
-        if s["n_per_class"] is not None and name in summary:
-            out[name][s["n_per_class"]] = summary[name]["final"]
-        out[name] = dict(sorted(out[name].items()))
-    return out
+    return _sweep(summary, "data", s["n_per_class"])
 
 
 def lr_sweep(summary: dict, s: dict) -> dict:
     """``{name: {lr: Spread of final test accuracy}}`` for the runs of ``s["data_runs"]`` at the
     learning rates of ``s["lr_grid"]`` and, from the main runs, ``s["lr"]``."""
-    out = {}
-    for name, d in summary.get("lrs", {}).items():
-        d = dict(d)
-        if name in summary:
-            d[s["lr"]] = summary[name]["final"]
-        out[name] = dict(sorted(d.items()))
-    return out
+    return _sweep(summary, "lrs", s["lr"])
 
 
 def _mib(b: float) -> str:
@@ -432,13 +432,13 @@ def plot_data_sweep(summary: dict, s: dict, ax=None, title: str | None = None):
     the number of training images per target class, one line per run of ``data_sweep``."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(6, 3.8))[1]
-    for name, d in data_sweep(summary, s).items():
-        ns = list(d)
-        line, = ax.plot(ns, [100 * sp.mean for sp in d.values()], "o-", label=name)
+    sweep = data_sweep(summary, s)
+    for name, d in sweep.items():
+        line, = ax.plot(list(d), [100 * sp.mean for sp in d.values()], "o-", label=name)
         for n, sp in d.items():
             _errorbar(ax, n, sp, fmt="none", ecolor=line.get_color())
     ax.set(xscale="log", xlabel="training images per class", ylabel="final test accuracy (%)", title=title)
-    ax.set_xticks(sorted({n for d in data_sweep(summary, s).values() for n in d}))
+    ax.set_xticks(sorted({n for d in sweep.values() for n in d}))
     ax.xaxis.set_major_formatter(plt.ScalarFormatter())
     ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.legend()
