@@ -10,7 +10,9 @@ from .data import DataMissingError, ImageDataset, TensorLoader, data_root, load_
 from .models import MLP, ConvNet, count_macs, count_parameters
 from .plots import markdown_table, moving_average, plot_accuracy, plot_history, plot_loss, plot_lr, seconds
 from .profiles import get_profile
-from .reproducibility import seed_everything
+from .reproducibility import apply_threads, seed_everything
 from .train import History, evaluate, fit, select_device
 
 __version__ = "0.1.0"
+
+apply_threads()  # $EFFICIENTML_THREADS, when the reader (or CI) sets it; otherwise torch's count stays

@@ -114,11 +114,11 @@ class ImageDataset:
             raise ValueError(f"{self.name} has only {int(counts.min())} examples of its rarest class; "
                              f"cannot take {n_per_class} per class"
                              + (f" after skipping {skip}" if skip else ""))
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
         picks = []
         for c in range(self.num_classes):
             rows = torch.nonzero(self.labels == c).squeeze(1)
-            picks.append(rows[torch.randperm(len(rows), generator=g)[skip:skip + n_per_class]])
+            picks.append(rows[torch.randperm(len(rows), generator=g, device=rows.device)[skip:skip + n_per_class]])
         rows = torch.stack(picks, dim=1).reshape(-1)  # interleave classes: c0, c1, ..., c0, c1, ...
         return self._rows(rows)
 
@@ -133,7 +133,7 @@ class ImageDataset:
 
     def _base(self) -> torch.Tensor:
         """Each example's row in the full split."""
-        return self.indices if self.indices is not None else torch.arange(len(self))
+        return self.indices if self.indices is not None else torch.arange(len(self), device=self.labels.device)
 
     def _rows(self, rows: torch.Tensor) -> "ImageDataset":
         return replace(self, images=self.images[rows], labels=self.labels[rows], indices=self._base()[rows])
@@ -146,8 +146,8 @@ class ImageDataset:
         if not classes or len(set(classes)) != len(classes) or not all(
                 isinstance(c, int) and 0 <= c < self.num_classes for c in classes):
             raise ValueError(f"classes must be distinct ints in 0..{self.num_classes - 1}, got {classes}")
-        new_label = torch.full((self.num_classes,), -1, dtype=torch.int64)
-        new_label[classes] = torch.arange(len(classes))
+        new_label = torch.full((self.num_classes,), -1, dtype=torch.int64, device=self.labels.device)
+        new_label[classes] = torch.arange(len(classes), device=self.labels.device)
         keep = torch.nonzero(new_label[self.labels] >= 0).squeeze(1)
         return replace(self, images=self.images[keep], labels=new_label[self.labels[keep]],
                        classes=[self.classes[c] for c in classes], indices=self._base()[keep])
@@ -194,7 +194,55 @@ def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None =
                         spec.mean, spec.std, spec.crop_padding, spec.hflip)
 
 
-class TensorLoader:
+def _positive_int(value, name: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class EpochBatches:
+    """The base of the package's loaders: an epoch's batches are a function of ``seed`` and the
+    epoch, so a given epoch gives the same batches whenever it runs (a resumed run equals an
+    uninterrupted one).
+
+    At the start of an epoch a subclass draws all of the epoch's randomness at once, on the CPU,
+    from a generator seeded by (seed, epoch) (``draw``); it is moved to ``device`` in one transfer,
+    and batch ``i`` is cut from it there (``batch``). ``set_epoch`` chooses the epoch.
+    """
+
+    def __init__(self, seed: int = 0, device: str | torch.device = "cpu"):
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.seed, self.epoch, self.device = seed, 0, torch.device(device)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose batches the next iteration produces."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def generator(self) -> torch.Generator:
+        """A CPU generator seeded by (seed, epoch)."""
+        return torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
+
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """The epoch's random choices as CPU tensors (subclasses)."""
+        raise NotImplementedError
+
+    def batch(self, drawn: dict[str, torch.Tensor], i: int):
+        """Batch ``i`` of the epoch, made on the device from ``drawn`` (subclasses)."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __iter__(self):
+        drawn = {k: v.to(self.device) for k, v in self.draw(self.generator()).items()}
+        for i in range(len(self)):
+            yield self.batch(drawn, i)
+
+
+class TensorLoader(EpochBatches):
     """Batches of a tensor-resident ``ImageDataset``, made on ``device``.
 
     Each iteration yields ``(x, y)``: ``x`` float32 of shape (B, C, H, W), normalised with the
@@ -203,69 +251,85 @@ class TensorLoader:
     random offset, and mirrored with probability 1/2 when the data set allows it (``hflip``), as
     torchvision's ``RandomCrop(padding=p)`` and ``RandomHorizontalFlip`` do per image.
 
-    Randomness comes from ``seed`` and the epoch (``set_epoch``), so a given epoch gives the
-    same batches whenever it runs, which also makes a resumed run equal to an uninterrupted one.
+    The images are moved to the device once; an epoch's order, crop offsets and flips are drawn
+    at its start (``EpochBatches``) from ``seed`` and the epoch (``set_epoch``).
     """
 
     def __init__(self, dataset: ImageDataset, batch_size: int = 128, shuffle: bool = False,
                  augment: bool = False, drop_last: bool = False, device: str | torch.device = "cpu",
                  seed: int = 0):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        super().__init__(seed, device)
+        self.batch_size = _positive_int(batch_size, "batch_size")
         if len(dataset) == 0:
             raise ValueError("cannot batch an empty data set")
+        if drop_last and len(dataset) < batch_size:
+            raise ValueError(f"drop_last with {len(dataset)} examples and batch_size {batch_size} "
+                             "gives no batch")
         self.dataset = dataset
-        self.batch_size, self.shuffle, self.augment, self.drop_last = batch_size, shuffle, augment, drop_last
-        self.device = torch.device(device)
-        self.seed, self.epoch = seed, 0
+        self.shuffle, self.augment, self.drop_last = shuffle, augment, drop_last
         self.images = dataset.images.to(self.device)          # uint8, moved once
         self.labels = dataset.labels.to(self.device)
         c = dataset.images.shape[1]
         self.mean = torch.tensor(dataset.mean, device=self.device).view(1, c, 1, 1) * 255
         self.std = torch.tensor(dataset.std, device=self.device).view(1, c, 1, 1) * 255
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch whose order and augmentation the next iteration produces."""
-        self.epoch = epoch
-
     def __len__(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
-        n = len(self.dataset)
-        g = torch.Generator(device="cpu").manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        order = order.to(self.device)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            x = self.images[idx].float()
-            if self.augment:
-                x = self._augment(x, g)
-            yield (x - self.mean) / self.std, self.labels[idx]
+    def _sizes(self) -> list[int]:
+        n, b = len(self.dataset), self.batch_size
+        return [min(b, n - i * b) for i in range(len(self))]
 
-    def _augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """Random crop with zero padding, then a random horizontal flip, on a (B, C, H, W) batch."""
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """``order`` (N,): the examples' order; with augmentation, ``shift`` (N', 2): each used
+        example's crop offset (dy, dx) in 0..2p, and ``flip`` (N',): whether it is mirrored,
+        drawn batch by batch (offsets, then flips), in the order the batches use them."""
+        n = len(self.dataset)
+        cpu = torch.device("cpu")
+        out = {"order": torch.randperm(n, generator=g, device=cpu) if self.shuffle else torch.arange(n, device=cpu)}
+        if not self.augment:
+            return out
+        p, shifts, flips = self.dataset.crop_padding, [], []
+        for b in self._sizes():
+            if p > 0:
+                dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=cpu)
+                dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g, device=cpu)
+                shifts.append(torch.cat([dy, dx], 1))
+            if self.dataset.hflip:
+                flips.append(torch.rand(b, generator=g, device=cpu) < 0.5)
+        if shifts:
+            out["shift"] = torch.cat(shifts)
+        if flips:
+            out["flip"] = torch.cat(flips)
+        return out
+
+    def batch(self, drawn: dict[str, torch.Tensor], i: int):
+        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+        idx = drawn["order"][rows]
+        x = self.images[idx].float()
+        if "shift" in drawn:
+            x = self._crop(x, drawn["shift"][rows])
+        if "flip" in drawn:
+            x = torch.where(drawn["flip"][rows].view(-1, 1, 1, 1), x.flip(3), x)
+        return (x - self.mean) / self.std, self.labels[idx]
+
+    def _crop(self, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """Zero-pad a (B, C, H, W) batch by ``crop_padding`` and crop each image back to H x W at
+        its offset ``shift`` (B, 2) = (dy, dx)."""
         b, c, h, w = x.shape
         p = self.dataset.crop_padding
-        if p > 0:
-            padded = torch.nn.functional.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (b, 1), generator=g).to(x.device)
-            rows = (dy + torch.arange(h, device=x.device)).view(b, 1, h, 1)  # (B, 1, H, 1)
-            cols = (dx + torch.arange(w, device=x.device)).view(b, 1, 1, w)  # (B, 1, 1, W)
-            batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-            chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
-            x = padded[batch, chan, rows, cols]                              # (B, C, H, W)
-        if self.dataset.hflip:
-            flip = (torch.rand(b, generator=g) < 0.5).to(x.device).view(b, 1, 1, 1)
-            x = torch.where(flip, x.flip(3), x)
-        return x
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        rows = (shift[:, :1] + torch.arange(h, device=x.device)).view(b, 1, h, 1)  # (B, 1, H, 1)
+        cols = (shift[:, 1:] + torch.arange(w, device=x.device)).view(b, 1, 1, w)  # (B, 1, 1, W)
+        batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+        chan = torch.arange(c, device=x.device).view(1, c, 1, 1)
+        return padded[batch, chan, rows, cols]                                    # (B, C, H, W)
 
 
 # -- Sequences: a synthetic task for Chapter 5, Tiny Shakespeare for Chapter 6 ----------------
 
-class SequenceTask:
+class SequenceTask(EpochBatches):
     """Batches of a synthetic sequence-to-sequence task: ``copy`` or ``reverse`` a random sequence.
 
     Tokens: 0 = padding, 1 = start (BOS), 2 = end (EOS), 3..3+n_symbols-1 = symbols. Each source
@@ -282,23 +346,22 @@ class SequenceTask:
     def __init__(self, task: str = "reverse", n_symbols: int = 10, length: int = 8, batch_size: int = 64,
                  steps: int = 100, seed: int = 0, device: str | torch.device = "cpu",
                  min_length: int | None = None):
+        super().__init__(seed, device)
         if task not in ("copy", "reverse"):
             raise ValueError(f"task must be 'copy' or 'reverse', got {task!r}")
-        if n_symbols < 2 or length < 1 or batch_size < 1 or steps < 1:
-            raise ValueError("need n_symbols >= 2 and length, batch_size, steps >= 1")
+        if not isinstance(n_symbols, int) or n_symbols < 2:
+            raise ValueError(f"n_symbols must be an int >= 2, got {n_symbols!r}")
+        self.length = _positive_int(length, "length")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.steps = _positive_int(steps, "steps")
         min_length = length if min_length is None else min_length
-        if not 1 <= min_length <= length:
+        if not isinstance(min_length, int) or not 1 <= min_length <= length:
             raise ValueError(f"need 1 <= min_length <= length, got min_length={min_length}, length={length}")
-        self.task, self.n_symbols, self.length, self.min_length = task, n_symbols, length, min_length
-        self.batch_size, self.steps, self.seed, self.epoch = batch_size, steps, seed, 0
-        self.device = torch.device(device)
+        self.task, self.n_symbols, self.min_length = task, n_symbols, min_length
 
     @property
     def vocab_size(self) -> int:
         return 3 + self.n_symbols
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.steps
@@ -317,23 +380,29 @@ class SequenceTask:
         ans = src.gather(1, (n - 1 - j).clamp(min=0))
         return ans.masked_fill(j >= n, self.PAD)
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        j = torch.arange(self.length + 1)
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """``symbols`` (steps, B, length) and ``n`` (steps, B, 1), each source's length, drawn step
+        by step (symbols, then lengths)."""
+        symbols, lengths, b, cpu = [], [], self.batch_size, torch.device("cpu")
         for _ in range(self.steps):
-            src = torch.randint(3, 3 + self.n_symbols, (self.batch_size, self.length), generator=g)
-            n = torch.full((self.batch_size, 1), self.length)
-            if self.min_length < self.length:
-                n = torch.randint(self.min_length, self.length + 1, (self.batch_size, 1), generator=g)
-                src = src.masked_fill(j[:-1] >= n, self.PAD)
-            ans = self.answer(src)
-            tgt_in = torch.cat([torch.full((self.batch_size, 1), self.BOS), ans], 1)
-            tgt_out = torch.cat([ans, torch.full((self.batch_size, 1), self.PAD)], 1)
-            tgt_out = tgt_out.masked_fill(j == n, self.EOS).masked_fill(j > n, self.IGNORE)
-            yield (src.to(self.device), tgt_in.to(self.device)), tgt_out.to(self.device)
+            symbols.append(torch.randint(3, 3 + self.n_symbols, (b, self.length), generator=g, device=cpu))
+            lengths.append(torch.randint(self.min_length, self.length + 1, (b, 1), generator=g, device=cpu)
+                           if self.min_length < self.length else torch.full((b, 1), self.length, device=cpu))
+        return {"symbols": torch.stack(symbols), "n": torch.stack(lengths)}
+
+    def batch(self, drawn: dict[str, torch.Tensor], i: int):
+        n = drawn["n"][i]                                                        # (B, 1)
+        j = torch.arange(self.length + 1, device=n.device)
+        src = drawn["symbols"][i].masked_fill(j[:-1] >= n, self.PAD)
+        ans = self.answer(src)
+        tgt_in = torch.cat([torch.full_like(n, self.BOS), ans], 1)
+        tgt_out = torch.cat([ans, torch.full_like(n, self.PAD)], 1)
+        tgt_out = tgt_out.masked_fill(j == n, self.EOS).masked_fill(j > n, self.IGNORE)
+        return (src, tgt_in), tgt_out
 
 
 TINY_SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+TINY_SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 
 
 def load_text(name: str = "tinyshakespeare", root: str | os.PathLike | None = None,
@@ -350,18 +419,38 @@ def load_text(name: str = "tinyshakespeare", root: str | os.PathLike | None = No
         if download is None:
             download = os.environ.get("EFFICIENTML_DOWNLOAD", "1") != "0"
         if download:
-            try:
-                import urllib.request
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with urllib.request.urlopen(TINY_SHAKESPEARE_URL, timeout=30) as r:
-                    path.write_bytes(r.read())
-            except Exception:
-                pass
+            _download(TINY_SHAKESPEARE_URL, path, TINY_SHAKESPEARE_MD5)
         if not path.exists():
             raise DataMissingError(f"tinyshakespeare: {path} was not found and could not be downloaded. Put "
                                    f"{TINY_SHAKESPEARE_URL} there, or point EFFICIENTML_DATA (or root=) at a "
                                    f"folder that has tinyshakespeare/input.txt.")
     return path.read_text(encoding="utf-8")
+
+
+def _download(url: str, path: Path, md5: str) -> bool:
+    """Fetch ``url`` into ``path`` atomically (a temporary file, renamed when complete and its MD5
+    checked), so an interrupted or damaged download leaves nothing a later call would read as
+    the file; False on failure."""
+    import hashlib
+    import tempfile
+    import urllib.request
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            data = r.read()
+    except Exception:  # no network, a refused mirror, a read-only folder: all mean "not here"
+        return False
+    if hashlib.md5(data).hexdigest() != md5:
+        return False
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 class CharTokenizer:
@@ -378,9 +467,10 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> torch.Tensor:
-        """int64 tensor (len(text),); characters outside the vocabulary raise ValueError."""
+        """int64 CPU tensor (len(text),) (loaders move it to their device); characters outside the
+        vocabulary raise ValueError."""
         try:
-            return torch.tensor([self.index[c] for c in text], dtype=torch.int64)
+            return torch.tensor([self.index[c] for c in text], dtype=torch.int64, device="cpu")
         except KeyError as e:
             raise ValueError(f"character {e.args[0]!r} is not in the vocabulary") from None
 
@@ -397,7 +487,7 @@ def split_tokens(tokens: torch.Tensor, val_fraction: float = 0.1) -> tuple[torch
     return tokens[:n], tokens[n:]
 
 
-class TokenBatches:
+class TokenBatches(EpochBatches):
     """Random windows of a token sequence for next-token prediction.
 
     Each batch is (x, y), both int64 (batch_size, block_size): x = tokens[i:i+block], y =
@@ -407,24 +497,26 @@ class TokenBatches:
 
     def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, steps: int, seed: int = 0,
                  device: str | torch.device = "cpu"):
-        if tokens.dim() != 1 or tokens.dtype != torch.int64:
-            raise TypeError(f"tokens must be a 1-D int64 tensor, got {tokens.dtype} {tuple(tokens.shape)}")
+        super().__init__(seed, device)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise TypeError(f"tokens must be a 1-D int64 tensor, got {getattr(tokens, 'dtype', type(tokens))} "
+                            f"{tuple(getattr(tokens, 'shape', ()))}")
+        self.block_size = _positive_int(block_size, "block_size")
+        self.batch_size = _positive_int(batch_size, "batch_size")
+        self.steps = _positive_int(steps, "steps")
         if len(tokens) <= block_size:
             raise ValueError(f"need more than block_size={block_size} tokens, got {len(tokens)}")
-        self.device = torch.device(device)
         self.tokens = tokens.to(self.device)
-        self.block_size, self.batch_size, self.steps, self.seed, self.epoch = block_size, batch_size, steps, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return self.steps
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        offsets = torch.arange(self.block_size + 1, device=self.device)
-        for _ in range(self.steps):
-            i = torch.randint(0, len(self.tokens) - self.block_size, (self.batch_size, 1), generator=g)
-            window = self.tokens[i.to(self.device) + offsets]          # (B, block + 1)
-            yield window[:, :-1], window[:, 1:]
+    def draw(self, g: torch.Generator) -> dict[str, torch.Tensor]:
+        """``start`` (steps, B, 1): each window's first position."""
+        hi = len(self.tokens) - self.block_size
+        return {"start": torch.randint(0, hi, (self.steps, self.batch_size, 1), generator=g, device="cpu")}
+
+    def batch(self, drawn: dict[str, torch.Tensor], i: int):
+        offsets = torch.arange(self.block_size + 1, device=self.tokens.device)
+        window = self.tokens[drawn["start"][i] + offsets]                       # (B, block + 1)
+        return window[:, :-1], window[:, 1:]

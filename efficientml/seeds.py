@@ -8,19 +8,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence, TypeVar
+from typing import Iterable, Sequence
 
-SEEDS = (0, 1, 2)
-
-T = TypeVar("T")
-
-
-def over_seeds(fn: Callable[[int], T], seeds: Iterable[int] = SEEDS) -> list[T]:
-    """``[fn(seed) for seed in seeds]``: the same experiment once per seed."""
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("over_seeds needs at least one seed")
-    return [fn(seed) for seed in seeds]
+SEEDS = (0, 1, 2)  # experiments.per_seed runs an experiment once for each
 
 
 @dataclass(frozen=True)

@@ -122,7 +122,11 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = 
         raise ValueError("no trainable parameters: every parameter has requires_grad=False")
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}")
-    name = name.lower()
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+    if not (weight_decay >= 0 and math.isfinite(weight_decay)):
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay}")
+    name = _name(name, "optimizer")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if name == "adam":
@@ -132,14 +136,28 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = 
     raise ValueError(f"unknown optimizer {name!r}: choose sgd, adam or adamw")
 
 
+def _name(name, what: str) -> str:
+    """A name given as a string, compared case-insensitively: ``"Warmup-Cosine"`` is ``"warmup-cosine"``."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} must be a name (str), got {type(name).__name__}")
+    return name.strip().lower()
+
+
+# When each schedule steps: once per epoch, or once per iteration (language models' warm-up).
+SCHEDULES = {"none": None, "multistep": "epoch", "cosine": "epoch", "warmup-cosine": "iteration"}
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, name: str = "none", epochs: int = 1,
                    milestones: Iterable[int] | None = None, gamma: float = 0.1, warmup: int = 0,
                    total_steps: int = 1, min_lr_ratio: float = 0.1):
     """A learning-rate schedule: ``none``; per epoch, ``multistep`` (lr *= gamma at each milestone
     epoch) or ``cosine`` (cosine annealing from lr to 0 over ``epochs``); per iteration,
     ``warmup-cosine`` (linear warm-up from 0 over ``warmup`` iterations, then cosine decay to
-    ``min_lr_ratio * lr`` at ``total_steps``), as language models are trained."""
-    name = name.lower()
+    ``min_lr_ratio * lr`` at ``total_steps``), as language models are trained. ``SCHEDULES``
+    says when each steps; ``Schedule`` steps it then."""
+    name = _name(name, "scheduler")
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown scheduler {name!r}: choose none, multistep, cosine or warmup-cosine")
     if name == "none":
         return None
     if name == "warmup-cosine":
@@ -151,9 +169,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str = "none", epochs:
         if not milestones:
             raise ValueError("the multistep schedule needs milestones (epochs at which lr *= gamma)")
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    raise ValueError(f"unknown scheduler {name!r}: choose none, multistep, cosine or warmup-cosine")
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
 
 
 def _warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
@@ -162,6 +178,31 @@ def _warmup_cosine(step: int, warmup: int, total: int, floor: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Schedule:
+    """A learning-rate schedule that knows when it steps: ``after_iteration`` and ``after_epoch``
+    are called by the training loop after every iteration and every epoch, and step the
+    schedule only at its own interval (``SCHEDULES``). Arguments as ``make_scheduler``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, name: str = "none", **kwargs):
+        self.scheduler = make_scheduler(optimizer, name, **kwargs)
+        self.interval = SCHEDULES[_name(name, "scheduler")]
+
+    def after_iteration(self) -> None:
+        if self.interval == "iteration":
+            self.scheduler.step()
+
+    def after_epoch(self) -> None:
+        if self.interval == "epoch":
+            self.scheduler.step()
+
+    def state_dict(self) -> dict | None:
+        return self.scheduler.state_dict() if self.scheduler is not None else None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state)
 
 
 def _to(x, device):
@@ -183,29 +224,145 @@ def _flat(logits: torch.Tensor, y: torch.Tensor):
     return (logits.reshape(-1, logits.shape[-1]), y.reshape(-1)) if logits.dim() > 2 else (logits, y)
 
 
+def _check_targets(y: torch.Tensor, num_classes: int) -> None:
+    """Raise ValueError unless every target is a class index in 0..num_classes-1 or IGNORE_INDEX
+    (on a GPU, a target out of range would stop the device with an assertion instead)."""
+    if y.dtype != torch.int64:
+        raise TypeError(f"targets must be int64 class indices, got {y.dtype}")
+    bad = (y != IGNORE_INDEX) & ((y < 0) | (y >= num_classes))
+    if bad.any():
+        raise ValueError(f"target {int(y[bad][0])} is no class of a model with {num_classes} outputs: "
+                         f"targets must be in 0..{num_classes - 1} (or {IGNORE_INDEX}, ignored)")
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tuple[float, float]:
     """(mean cross-entropy in bits per example, accuracy) of ``model`` over ``loader``.
 
     For sequence models (logits (B, T, V), targets (B, T)) both are per token. Targets equal to
-    ``IGNORE_INDEX`` (-100, ``F.cross_entropy``'s default: e.g. padding) count in neither."""
+    ``IGNORE_INDEX`` (-100, ``F.cross_entropy``'s default: e.g. padding) count in neither.
+    Sums stay on the device until the end (one synchronisation, not one per batch); the batches'
+    float32 loss sums are added in float64 on the CPU (no float64 on the device: MPS has none)."""
     if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
         device = next(model.parameters(), torch.empty(0)).device
     model.eval()
-    total_loss, correct, n = torch.zeros((), dtype=torch.float64, device=device), 0, 0
-    for x, y in loader:  # sums stay on the device: one synchronisation at the end, not two per batch
+    losses, correct, n = [], 0, 0
+    for x, y in loader:
         logits, y = _flat(_call(model, _to(x, device)), y.to(device))
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        _check_targets(y, logits.shape[-1])
+        losses.append(F.cross_entropy(logits, y, reduction="sum"))
         correct += (logits.argmax(1) == y).sum()
         n += (y != IGNORE_INDEX).sum()
     n = int(n)
-    return total_loss.item() / n / LN2, int(correct) / n
+    if n == 0:
+        raise ValueError("the loader gave no targets to evaluate on")
+    total = sum(torch.stack(losses).cpu().tolist())  # float64 on the host, in batch order
+    return total / n / LN2, int(correct) / n
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: an interruption leaves the previous checkpoint intact
+@dataclass
+class Checkpoint:
+    """Where ``fit`` saves its state after every epoch, and resumes from.
+
+    The file holds the model, optimizer and schedule state, the History, the random-number
+    generators' state and ``settings``: everything that decides the run (learning rate,
+    schedule, epochs, the model's parameter shapes, batches per epoch, and whatever the caller
+    adds, e.g. an experiment's settings). Resuming with other settings raises ValueError naming
+    them, instead of continuing a different run. Files are written atomically and read onto the
+    CPU first (``map_location="cpu"``), so a checkpoint written on a GPU resumes anywhere.
+    """
+    path: Path
+    settings: dict
+
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule) -> History | None:
+        """Restore a saved run into ``model``, ``optimizer`` and ``schedule``; its History, or
+        None if there is no file yet."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        saved = state.get("settings")
+        if saved is None:
+            raise ValueError(f"checkpoint {self.path} records no settings (written by an older version): "
+                             "delete it to start the run again")
+        differ = [f"{k}: {saved.get(k, '(absent)')!r} there, {self.settings.get(k, '(absent)')!r} here"
+                  for k in sorted(set(saved) | set(self.settings)) if saved.get(k) != self.settings.get(k)]
+        if differ:
+            raise ValueError(f"checkpoint {self.path} was made by a run with other settings; delete it or "
+                             "write elsewhere to start this run. Differences:\n  " + "\n  ".join(differ))
+        model.load_state_dict(state["model"])        # copied onto the model's device
+        optimizer.load_state_dict(state["optimizer"])  # moved to each parameter's device
+        schedule.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return History.from_dict(state["history"])
+
+    def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+             history: History) -> None:
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        torch.save({"settings": self.settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": schedule.state_dict(), "history": history.to_dict(),
+                    "rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
+        os.replace(tmp, self.path)  # atomic: an interruption leaves the previous checkpoint intact
+
+
+def _plain(v):
+    """A setting as plain, comparable data: tuples as lists, tensors and others by their repr."""
+    if isinstance(v, (bool, int, float, str)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    return repr(v)
+
+
+@dataclass
+class EpochResult:
+    """What one epoch of training measured: mean training loss (bits per counted target),
+    running accuracy, seconds, and the fractional epoch of a divergence (None if none)."""
+    loss: float
+    accuracy: float
+    seconds: float
+    diverged_at: float | None = None
+
+
+def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule: Schedule, epoch: int,
+                history: History, device: torch.device, clip_grad_norm: float | None = None,
+                progress: bool = False) -> EpochResult:
+    """One epoch of training (``epoch`` counts from 0): forward, cross-entropy, backward, optional
+    gradient clipping, optimizer step, and the schedule after every iteration. Appends each
+    iteration's loss (bits) to ``history.iter_loss`` and its fractional epoch to ``iter_epoch``;
+    a NaN or infinite loss stops the epoch before its step (``EpochResult.diverged_at``)."""
+    t0 = time.perf_counter()
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    model.train()
+    n_batches = len(loader)
+    loss_sum, correct, seen = 0.0, 0, 0
+    batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress,
+                   dynamic_ncols=True)
+    for i, (x, y) in enumerate(batches):
+        logits, y = _flat(_call(model, _to(x, device)), y.to(device, non_blocking=True))
+        _check_targets(y, logits.shape[-1])
+        loss = F.cross_entropy(logits, y)
+        value = loss.item()
+        if not math.isfinite(value):
+            return EpochResult(math.nan, math.nan, time.perf_counter() - t0, epoch + i / n_batches)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad_norm is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+        optimizer.step()
+        schedule.after_iteration()
+        history.iter_loss.append(value / LN2)
+        history.iter_epoch.append(epoch + (i + 1) / n_batches)
+        counted = int((y != IGNORE_INDEX).sum())      # targets that count (not padding)
+        loss_sum += value * counted                  # the loss is the mean over counted targets
+        correct += (logits.argmax(1) == y).sum()     # on the device; read once per epoch
+        seen += counted
+    return EpochResult(loss_sum / seen / LN2, int(correct) / seen, time.perf_counter() - t0)
 
 
 def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: float = 0.1,
@@ -215,7 +372,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         decay_2d_only: bool = False,
         callback: Callable[[int, nn.Module, History], None] | None = None,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
-        progress: bool | None = None, desc: str = "fit") -> History:
+        checkpoint_settings: dict | None = None, progress: bool | None = None, desc: str = "fit") -> History:
     """Train ``model`` on ``train_loader`` for ``epochs`` epochs and return its ``History``.
 
     optimizer: ``"sgd"`` (momentum and weight decay as given), ``"adam"``, ``"adamw"``, built over
@@ -224,104 +381,86 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         not to biases and normalisation gains (``param_groups``, as nanoGPT); the default, False,
         decays every trained parameter. Only for an optimizer that ``fit`` builds.
     scheduler: ``"none"``, ``"multistep"`` (with ``milestones`` and ``gamma``) or ``"cosine"``,
-        stepped once per epoch; or ``"warmup-cosine"`` (``warmup`` iterations), stepped per iteration.
-    clip_grad_norm: if given, gradients are rescaled so that their global L2 norm is at most this.
+        stepped once per epoch; or ``"warmup-cosine"`` (``warmup`` iterations), stepped per
+        iteration (names are case-insensitive).
+    clip_grad_norm: if given (a number > 0), gradients are rescaled so that their global L2 norm
+        is at most this.
     callback: called as ``callback(epoch, model, history)`` after each epoch (1-based) has been
         trained, evaluated and recorded; pruning schedules hook in here.
-    checkpoint: a file; after every epoch the model, optimizer, scheduler, history and RNG state
-        are saved there atomically, and a later call with the same file resumes after the last
-        saved epoch instead of starting over.
-    Loaders are ``TensorLoader``s or any iterable of (x, y) batches, where x may be a tuple of
-    inputs (``model(*x)``) and the model may output sequences, logits (B, T, V) for targets (B, T),
-    whose loss and accuracy are then per token; a loader's ``set_epoch`` is called before each
-    epoch when it has one. A NaN or infinite loss stops training cleanly and
-    is recorded in ``history.diverged_at``.
+    checkpoint: a file; after every epoch the run's state is saved there, and a later call with
+        the same file and the same settings resumes after the last saved epoch (``Checkpoint``).
+        ``checkpoint_settings``: more settings the file must match (e.g. the data's).
+    Loaders are ``TensorLoader``s or any sized iterable of (x, y) batches, where x may be a tuple
+    of inputs (``model(*x)``) and the model may output sequences, logits (B, T, V) for targets
+    (B, T), whose loss and accuracy are then per token; targets are class indices (or -100,
+    ignored). A loader's ``set_epoch`` is called before each epoch when it has one. A NaN or
+    infinite loss stops training cleanly and is recorded in ``history.diverged_at``.
     """
-    if not isinstance(epochs, int) or epochs < 0:
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
+    if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
+        raise ValueError(f"clip_grad_norm must be a positive number (or None), got {clip_grad_norm}")
+    n_batches = len(train_loader)
+    if n_batches == 0:
+        raise ValueError("the training loader gives no batches")
+    milestones = list(milestones) if milestones is not None else None
     device = select_device(device)
     model.to(device)
     if isinstance(optimizer, torch.optim.Optimizer):
         if decay_2d_only:
             raise ValueError("decay_2d_only applies to an optimizer that fit builds, not a ready one: "
                              "build it over param_groups(model, weight_decay) instead")
-        opt = optimizer
+        opt, opt_name = optimizer, {"class": type(optimizer).__name__} | _plain(optimizer.defaults)
     else:
         params = (param_groups(model, weight_decay) if decay_2d_only
                   else (p for p in model.parameters() if p.requires_grad))
-        opt = make_optimizer(params, optimizer, lr, momentum, weight_decay)
-    sched = make_scheduler(opt, scheduler, epochs, milestones, gamma, warmup, max(1, epochs * len(train_loader)))
-    per_iteration = scheduler == "warmup-cosine"
-    history, start = History(), 0
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if sched is not None:
-            sched.load_state_dict(state["scheduler"])
-        history = History.from_dict(state["history"])
-        torch.set_rng_state(state["rng"])
-        if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = history.epochs
+        opt, opt_name = make_optimizer(params, optimizer, lr, momentum, weight_decay), _name(optimizer, "optimizer")
+    schedule = Schedule(opt, scheduler, epochs=epochs, milestones=milestones, gamma=gamma, warmup=warmup,
+                        total_steps=max(1, epochs * n_batches))
+    history = History()
+    ckpt = None
+    if checkpoint is not None:
+        sched_name = _name(scheduler, "scheduler")
+        ckpt = Checkpoint(Path(checkpoint), _plain({
+            # a run extended by more epochs continues exactly, unless its schedule spans the epochs
+            "epochs": epochs if sched_name in ("cosine", "warmup-cosine") else "any", "lr": lr, "optimizer": opt_name, "momentum": momentum,
+            "weight_decay": weight_decay, "decay_2d_only": decay_2d_only, "scheduler": sched_name,
+            "milestones": milestones, "gamma": gamma, "warmup": warmup, "clip_grad_norm": clip_grad_norm,
+            "batches_per_epoch": n_batches, "model": type(model).__name__,
+            "parameters": {k: list(v.shape) for k, v in model.state_dict().items()},
+        } | {f"extra/{k}": v for k, v in (checkpoint_settings or {}).items()}))
+        history = ckpt.load(model, opt, schedule) or history
+        if history.epochs > epochs:
+            raise ValueError(f"checkpoint {checkpoint} holds {history.epochs} epochs, more than the {epochs} asked "
+                             "for: delete it or write elsewhere to start this run")
 
-    n_batches = len(train_loader)
     quiet = not show_progress(progress)
-    bar = tqdm(total=epochs, initial=start, desc=desc, unit="epoch", disable=quiet, dynamic_ncols=True)
-    for epoch in range(start, epochs):
+    bar = tqdm(total=epochs, initial=history.epochs, desc=desc, unit="epoch", disable=quiet, dynamic_ncols=True)
+    for epoch in range(history.epochs, epochs):
         if history.diverged:
             break
-        t0 = time.perf_counter()
-        if hasattr(train_loader, "set_epoch"):
-            train_loader.set_epoch(epoch)
         epoch_lr = opt.param_groups[0]["lr"]
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        batches = tqdm(train_loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=quiet,
-                       dynamic_ncols=True)
-        for i, (x, y) in enumerate(batches):
-            logits, y = _flat(_call(model, _to(x, device)), y.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits, y)
-            value = loss.item()
-            if not math.isfinite(value):
-                history.diverged_at = epoch + i / n_batches
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if clip_grad_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-            opt.step()
-            if sched is not None and per_iteration:
-                sched.step()
-            history.iter_loss.append(value / LN2)
-            history.iter_epoch.append(epoch + (i + 1) / n_batches)
-            counted = int((y != IGNORE_INDEX).sum())      # targets that count (not padding)
-            loss_sum += value * counted                  # the loss is the mean over counted targets
-            correct += (logits.argmax(1) == y).sum()  # on the device; read once per epoch
-            seen += counted
-        if history.diverged:
+        result = train_epoch(model, train_loader, opt, schedule, epoch, history, device, clip_grad_norm,
+                             progress=not quiet)
+        if result.diverged_at is not None:
+            history.diverged_at = result.diverged_at
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
             break
-        train_time = time.perf_counter() - t0
-        if sched is not None and not per_iteration:
-            sched.step()
-        test_loss, test_acc = evaluate(model, test_loader, device) if test_loader is not None else (math.nan, math.nan)
-        history.train_loss.append(loss_sum / seen / LN2)
-        history.train_acc.append(int(correct) / seen)
+        schedule.after_epoch()
+        t_eval = time.perf_counter()
+        test_loss, test_acc = (evaluate(model, test_loader, device) if test_loader is not None
+                               else (math.nan, math.nan))
+        history.train_loss.append(result.loss)
+        history.train_acc.append(result.accuracy)
         history.test_loss.append(test_loss)
         history.test_acc.append(test_acc)
         history.lr.append(epoch_lr)
-        history.epoch_time.append(time.perf_counter() - t0)
-        history.train_time.append(train_time)
+        history.train_time.append(result.seconds)
+        history.epoch_time.append(result.seconds + time.perf_counter() - t_eval)
         if callback is not None:
             callback(epoch + 1, model, history)
         if ckpt is not None:
-            _save_checkpoint(ckpt, {
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict() if sched is not None else None,
-                "history": history.to_dict(), "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None})
+            ckpt.save(model, opt, schedule, history)
         bar.update(1)
         bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}b", test_acc=f"{test_acc:.3f}")
     bar.close()

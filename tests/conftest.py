@@ -5,10 +5,11 @@ import pytest
 import torch
 
 from efficientml import load_dataset, seed_everything
+from efficientml.reproducibility import apply_threads
 
 
 def pytest_configure(config):
-    torch.set_num_threads(2)
+    apply_threads()  # $EFFICIENTML_THREADS if set (CI: 2), else torch's choice
 
 
 @pytest.fixture(scope="session")

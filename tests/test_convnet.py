@@ -82,11 +82,13 @@ def test_cosine_schedule_values():
 
 def test_lr_01_beats_lr_00001_over_seeds(fashion_train, fashion_test):
     """Chapter 1's first claim, small: after 3 short epochs (1,000 images) lr 0.1 is ahead of
-    lr 1e-4 on every one of 3 seeds. Other CPU kernels move lr 0.1's test accuracy here by up to
-    10 points (seen with ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_CBWR=SSE4_2),
-    so the margins asserted are far wider than that and far narrower than the effect (about
-    30 points of accuracy and 1.8 bits of loss): lr 1e-4 barely leaves the uniform guess's 3.32
-    bits."""
+    lr 1e-4 on every one of 3 seeds. lr 1e-4 barely leaves the uniform guess's 3.32 bits on
+    every kernel path and thread count (3.28-3.33 bits, 13-14% accuracy). lr 0.1's training
+    loss is as steady (1.31-1.55 bits), but its test accuracy after so few steps is not:
+    measured on the native, AVX2 and SSE kernels and at 1, 2 and 4 threads, one seed ranged
+    from 30% to 64% (mean of the 3 seeds 50-65%). So the losses carry the per-seed margin
+    (1.7 bits at least, asserted 1.0); accuracy is asserted ahead on every seed by 5 points (the
+    least seen: 16) and by 20 points on the mean (the least seen: 36)."""
     test = fashion_test.subset(50, seed=0)
     acc, loss = {}, {}
     for lr in (0.0001, 0.1):
@@ -97,9 +99,10 @@ def test_lr_01_beats_lr_00001_over_seeds(fashion_train, fashion_test):
                     TensorLoader(test, 500), epochs=3, lr=lr, device="cpu", progress=False)
             acc[lr, seed], loss[lr, seed] = h.test_acc[-1], h.train_loss[-1]
     for seed in (0, 1, 2):
-        assert acc[0.1, seed] > acc[0.0001, seed] + 0.15, acc
+        assert acc[0.1, seed] > acc[0.0001, seed] + 0.05, acc
         assert loss[0.1, seed] < loss[0.0001, seed] - 1.0, loss
         assert loss[0.0001, seed] > 3.0, loss   # hardly moved from log2(10) = 3.32 bits
+    assert sum(acc[0.1, s] - acc[0.0001, s] for s in (0, 1, 2)) / 3 > 0.2, acc
 
 
 def test_chapter1_experiments_run_every_seed():

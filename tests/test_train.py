@@ -248,3 +248,126 @@ def test_ignored_targets_count_in_neither_loss_nor_accuracy():
     hist = fit(model, [(x, y_pad)], None, epochs=1, lr=1e-9, progress=False)  # loss before the step
     assert hist.train_loss[0] == pytest.approx(ref_loss, rel=1e-5)
     assert hist.train_acc[0] == pytest.approx(ref_acc)
+
+
+def _tiny_fit(small, tmp_path, name="run.ckpt.pt", **kw):
+    seed_everything(0)
+    train, test = small
+    model = MLP(784, (16,), 10)
+    args = {"epochs": 1, "lr": 0.05, "device": "cpu", "progress": False, "checkpoint": tmp_path / name} | kw
+    return fit(model, TensorLoader(train, 100, shuffle=True, seed=0), TensorLoader(test, 500), **args)
+
+
+def test_checkpoint_refuses_a_run_with_other_settings(small, tmp_path):
+    """A checkpoint carries the settings that made it: another lr, or other caller settings (an
+    experiment's data), is refused with the differences named, not continued as if the same."""
+    _tiny_fit(small, tmp_path, checkpoint_settings={"n_per_class": 100})
+    with pytest.raises(ValueError, match=r"(?s)other settings.*lr: 0\.05 there, 0\.5 here"):
+        _tiny_fit(small, tmp_path, lr=0.5, checkpoint_settings={"n_per_class": 100})
+    with pytest.raises(ValueError, match=r"extra/n_per_class: 100 there, 200 here"):
+        _tiny_fit(small, tmp_path, checkpoint_settings={"n_per_class": 200})
+    with pytest.raises(ValueError, match="holds 1 epochs, more than the 0"):
+        _tiny_fit(small, tmp_path, epochs=0, checkpoint_settings={"n_per_class": 100})
+    h = _tiny_fit(small, tmp_path, checkpoint_settings={"n_per_class": 100})  # the same: resumed, nothing to do
+    assert h.epochs == 1
+
+
+def test_checkpoint_extends_a_constant_schedule_but_not_a_cosine_one(small, tmp_path):
+    one = _tiny_fit(small, tmp_path)
+    two = _tiny_fit(small, tmp_path, epochs=2)          # constant lr: epoch 2 continues exactly
+    assert two.epochs == 2 and two.train_loss[0] == one.train_loss[0]
+    assert _comparable(two) == _comparable(_tiny_fit(small, tmp_path, name="whole.ckpt.pt", epochs=2))
+    _tiny_fit(small, tmp_path, name="cos.ckpt.pt", epochs=2, scheduler="cosine")
+    with pytest.raises(ValueError, match=r"epochs: 2 there, 4 here"):  # T_max = 2 would be kept
+        _tiny_fit(small, tmp_path, name="cos.ckpt.pt", epochs=4, scheduler="cosine")
+
+
+def test_checkpoint_without_settings_is_refused(small, tmp_path):
+    _tiny_fit(small, tmp_path)
+    state = torch.load(tmp_path / "run.ckpt.pt", weights_only=False)
+    del state["settings"]
+    torch.save(state, tmp_path / "run.ckpt.pt")
+    with pytest.raises(ValueError, match="records no settings"):
+        _tiny_fit(small, tmp_path)
+
+
+def test_resume_reads_the_checkpoint_onto_the_cpu(small, tmp_path, monkeypatch):
+    """Resuming on a GPU raised: the checkpoint was read onto the device, RNG state included,
+    and torch.set_rng_state takes only a CPU tensor. It is read onto the CPU, whatever the device."""
+    _tiny_fit(small, tmp_path)
+    real_load, seen = torch.load, []
+
+    def load(*args, **kwargs):
+        seen.append(kwargs.get("map_location"))
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", load)
+    _tiny_fit(small, tmp_path, epochs=2)
+    assert seen == ["cpu"]
+
+
+def test_warmup_cosine_steps_every_iteration_whatever_the_name_s_case(small):
+    """'Warmup-Cosine' used to be lower-cased when building the schedule but compared raw when
+    deciding to step it, so it stepped once per epoch."""
+    kw = {"epochs": 2, "lr": 0.1, "warmup": 3}
+    _, a = _run(small, scheduler="warmup-cosine", **kw)
+    _, b = _run(small, scheduler="Warmup-Cosine", **kw)
+    assert _comparable(a) == _comparable(b)
+    n = 20  # iterations per epoch (1,000 images in batches of 50)
+    from efficientml.train import _warmup_cosine
+    assert a.lr[1] == pytest.approx(0.1 * _warmup_cosine(n, warmup=3, total=2 * n, floor=0.1))
+    with pytest.raises(TypeError, match="scheduler must be a name"):
+        _run(small, scheduler=None)
+
+
+@pytest.mark.parametrize("clip", [-1.0, 0.0, float("nan"), float("inf")])
+def test_clip_grad_norm_must_be_positive(small, clip):
+    """-1 flipped the gradients' sign (the loss rose to hundreds of bits), 0 stopped learning."""
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        _run(small, epochs=1, clip_grad_norm=clip)
+
+
+def test_targets_outside_the_model_s_classes_are_refused():
+    """On a GPU such a target stops the device with an assertion; here it is a ValueError."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x = torch.randn(8, 4)
+    for bad in (3, -2):
+        y = torch.zeros(8, dtype=torch.long)
+        y[5] = bad
+        with pytest.raises(ValueError, match=f"target {bad} is no class of a model with 3 outputs"):
+            fit(model, [(x, y)], epochs=1, device="cpu", progress=False)
+        with pytest.raises(ValueError, match=f"target {bad}"):
+            evaluate(model, [(x, y)])
+    with pytest.raises(TypeError, match="int64"):
+        evaluate(model, [(x, torch.zeros(8, dtype=torch.int32))])
+
+
+def test_bad_loaders_are_refused():
+    with pytest.raises(ValueError, match="gives no batches"):
+        fit(nn.Linear(4, 3), [], epochs=1, device="cpu", progress=False)
+    with pytest.raises(ValueError, match="no targets"):
+        evaluate(nn.Linear(4, 3), [])
+
+
+@pytest.mark.parametrize("kw", [{"momentum": 1.0}, {"momentum": -0.1}, {"weight_decay": -1.0},
+                                {"weight_decay": float("nan")}])
+def test_optimizer_settings_validated(kw):
+    with pytest.raises(ValueError):
+        make_optimizer(nn.Linear(2, 2).parameters(), **kw)
+
+
+def test_engine_makes_every_tensor_on_the_data_s_device_and_none_in_float64(small, tmp_path):
+    """What a GPU or an Apple GPU would catch, caught on the CPU (tests/device_checks.py): no tensor
+    made without the device, no float64 (MPS has none), in fit, its checkpoint and evaluate."""
+    from device_checks import implicit_device_trap, no_float64
+    train, test = small
+    seed_everything(0)
+    model = MLP(784, (16,), 10)
+    loaders = (TensorLoader(train, 100, shuffle=True, augment=True, seed=0), TensorLoader(test, 500))
+    with implicit_device_trap(), no_float64():
+        for epochs in (1, 2):  # the second call resumes from the checkpoint
+            h = fit(model, *loaders, epochs=epochs, lr=0.05, scheduler="multistep", milestones=[1],
+                    clip_grad_norm=1.0,
+                    checkpoint=tmp_path / "c.pt", device="cpu", progress=False)
+        evaluate(model, loaders[1])
+    assert h.epochs == 2

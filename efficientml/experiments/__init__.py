@@ -5,7 +5,7 @@ per chapter holds its experiments: ``learning_rates`` (1), ``quantization`` (2),
 ``transfer`` (4), ``transformer`` (5), ``language_model`` (6). Importing this package registers
 them all.
 """
-from .core import (EXPERIMENTS, Experiment, class_split, register, run, run_experiment, seed_for, settings,
+from .core import (EXPERIMENTS, Experiment, class_split, per_seed, register, run, run_experiment, seed_for, settings,
                    train_loaders, validation_split)
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, convnet_size, train_convnet
 from .quantization import (MLP_FULL, MLP_QUICK, bits_table, change_spread, plot_sweep, quantization_over_seeds,

@@ -10,13 +10,16 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from ..data import TensorLoader, load_dataset
 from ..profiles import get_profile
 from ..reproducibility import seed_everything
 from ..results import provenance, result_path, write_json
 from ..train import select_device
+
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -37,10 +40,19 @@ def register(name: str, description: str, quick: dict, full: dict):
 
 
 def seed_for(seed: int, device) -> None:
-    """Seed a run: on the CPU with 2 threads and deterministic kernels (repeatable, as CI checks);
-    on a GPU with cuDNN's fastest kernels (full-profile runs, where speed matters more)."""
-    gpu = select_device(device).type == "cuda"
-    seed_everything(seed, threads=None if gpu else 2, deterministic=not gpu)
+    """Seed a run: with deterministic kernels on the CPU and on Apple's MPS (repeatable, as CI
+    checks); with cuDNN's fastest kernels on CUDA (full-profile runs, where speed matters more).
+    The thread count is the reader's (``$EFFICIENTML_THREADS`` if set): see ``reproducibility``."""
+    seed_everything(seed, deterministic=select_device(device).type != "cuda")
+
+
+def per_seed(s: dict, run: Callable[[dict], T]) -> list[T]:
+    """``[run(s | {"seed": seed}) for seed in s["seeds"]]``: one experiment, once per seed (each
+    run's settings carry its own ``seed``, which picks its data subset, weights and batches)."""
+    seeds = s.get("seeds")
+    if not seeds:
+        raise ValueError("settings have no seeds: per_seed needs a non-empty s['seeds']")
+    return [run(s | {"seed": seed}) for seed in seeds]
 
 
 def train_loaders(s: dict, device, classes: list[int] | None = None, n_per_class: int | None = None):

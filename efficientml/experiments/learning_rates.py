@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from ..data import DATASETS
 from ..models import ConvNet, count_macs, count_parameters
 from ..seeds import SEEDS, Spread, spread
 from ..train import fit
-from .core import _checkpoint, register, seed_for, train_loaders
+from .core import _checkpoint, per_seed, register, seed_for, train_loaders
 
 
 CONVNET_QUICK = dict(dataset="fashion-mnist", n_per_class=300, test_per_class=200, width=0.5, batch_size=128,
@@ -29,10 +31,14 @@ def train_convnet(s: dict, lr: float, epochs: int, scheduler: str = "none", mile
     """
     seed_for(s["seed"], device)
     train_loader, test_loader, train = train_loaders(s, device)
-    model = make_model(train.shape[0], train.num_classes, s["width"])
+    # channels-last (NHWC) weights: the CPU's convolution kernels (oneDNN), like cuDNN's, run
+    # faster on it (a quarter less time per step here); every result is the same network's
+    model = make_model(train.shape[0], train.num_classes, s["width"]).to(memory_format=torch.channels_last)
     hist = fit(model, train_loader, test_loader, epochs=epochs, lr=lr, momentum=s["momentum"],
                weight_decay=s["weight_decay"], scheduler=scheduler, milestones=milestones, gamma=gamma, device=device,
-               callback=callback, checkpoint=_checkpoint(out_dir, tag, s), progress=progress, desc=tag)
+               callback=callback, checkpoint=_checkpoint(out_dir, tag, s),
+               checkpoint_settings={k: v for k, v in s.items() if k != "epochs"},  # fit checks the epochs
+               progress=progress, desc=tag)
     return model, hist
 
 
@@ -52,11 +58,6 @@ CH1_QUICK = {k: v for k, v in CONVNET_QUICK.items() if k != "seed"} | dict(
 CH1_FULL = {k: v for k, v in CONVNET_FULL.items() if k != "seed"} | dict(seeds=list(SEEDS))
 
 
-def _seeded_runs(s: dict, train: Callable[[dict, str], object]) -> list:
-    """``[train(s with "seed" = seed, tag suffix), ...]`` for each seed in ``s["seeds"]``."""
-    return [train(s | {"seed": seed}, f"-seed{seed}") for seed in s["seeds"]]
-
-
 @register("lr-sweep", "Chapter 1.1: ConvNet trained for 5 epochs at lr 0.0001, 0.1 and 1.0, once per seed.",
           quick=CH1_QUICK | dict(lrs=[0.0001, 0.1, 1.0], epochs=5),
           full=CH1_FULL | dict(lrs=[0.0001, 0.1, 1.0], epochs=5))
@@ -64,8 +65,8 @@ def run_lr_sweep(s: dict, out_dir: Path | None, device, progress) -> dict:
     """``{"parameters", "macs_per_image", "runs": {str(lr): [History per seed]}}``."""
     runs = {}
     for lr in s["lrs"]:
-        runs[str(lr)] = _seeded_runs(s, lambda si, sfx: train_convnet(
-            si, lr, si["epochs"], out_dir=out_dir, tag=f"lr-sweep-lr{lr}{sfx}", device=device,
+        runs[str(lr)] = per_seed(s, lambda si: train_convnet(
+            si, lr, si["epochs"], out_dir=out_dir, tag=f"lr-sweep-lr{lr}-seed{si['seed']}", device=device,
             progress=progress)[1])
     return convnet_size(s) | {"runs": runs}
 
@@ -78,9 +79,9 @@ def run_schedules(s: dict, out_dir: Path | None, device, progress) -> dict:
     """``{"parameters", "macs_per_image", "runs": {"multistep"|"cosine": [History per seed]}}``."""
     runs = {}
     for name in ("multistep", "cosine"):
-        runs[name] = _seeded_runs(s, lambda si, sfx: train_convnet(
+        runs[name] = per_seed(s, lambda si: train_convnet(
             si, si["lr"], si["epochs"], name, si["milestones"] if name == "multistep" else None, si["gamma"],
-            out_dir=out_dir, tag=f"schedules-{name}{sfx}", device=device, progress=progress)[1])
+            out_dir=out_dir, tag=f"schedules-{name}-seed{si['seed']}", device=device, progress=progress)[1])
     return convnet_size(s) | {"runs": runs}
 
 
