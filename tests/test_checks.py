@@ -10,7 +10,8 @@ import pytest
 
 from efficientml import checks
 from efficientml.checks import ClaimFailed, ResultMismatch, claim, compare, flatten, record, tolerances
-from efficientml.seeds import Spread, final, over_seeds, spread
+from efficientml.experiments import per_seed
+from efficientml.seeds import Spread, final, spread
 from efficientml.train import History
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
@@ -65,10 +66,12 @@ def test_a_stored_result_moved_beyond_its_tolerance_fails_the_check(notebook):
             assert len(problems) == 1 and problems[0].startswith(f"{key}:"), (name, key, problems)
 
 
-def _notebook_with_record(folder: Path, experiment: str, values: dict, tol: dict) -> None:
+def _notebook_with_record(folder: Path, experiment: str, values: dict, tol: dict,
+                          settings: dict | None = None) -> None:
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("record(...)")
-    payload = json.dumps({"values": values, "tolerance": tol}, sort_keys=True)
+    payload = json.dumps({"values": values, "tolerance": tol}
+                         | ({"settings": settings} if settings is not None else {}), sort_keys=True)
     cell.outputs = [nbformat.v4.new_output(
         "display_data", data={"application/papermill.record/text/plain": repr(payload)},
         metadata={"scrapbook": {"name": checks.RECORD_PREFIX + experiment}})]
@@ -90,6 +93,53 @@ def test_record_raises_when_a_stored_value_moved_10_points(tmp_path, monkeypatch
     monkeypatch.setenv("EFFICIENTML_CHECK", "off")    # make execute: report, do not raise
     record("demo", {"acc": 0.70, "n": 3}, {"acc": 0.05})
     assert "differ" in capsys.readouterr().out
+
+
+def test_record_with_other_settings_reports_instead_of_raising(tmp_path, monkeypatch, capsys):
+    """A reader who changed a chapter's settings is told that the book's numbers come from other
+    settings (naming them), not given a ResultMismatch; the book's own settings still fail."""
+    monkeypatch.setenv("EFFICIENTML_BOOK", str(tmp_path))
+    monkeypatch.delenv("EFFICIENTML_CHECK", raising=False)
+    book = {"lr": 0.1, "epochs": 5, "milestones": (3, 6)}
+    _notebook_with_record(tmp_path, "demo", {"acc": 0.80}, {"acc": 0.05}, settings={
+        "lr": 0.1, "epochs": 5, "milestones": [3, 6]})
+    with pytest.raises(ResultMismatch):
+        record("demo", {"acc": 0.50}, {"acc": 0.05}, settings=book, device="cpu")  # tuples = lists
+    problems = record("demo", {"acc": 0.50}, {"acc": 0.05}, settings=book | {"lr": 0.5}, device="cpu")
+    out = capsys.readouterr().out
+    assert len(problems) == 1 and "other settings" in out and "lr: 0.5 here, 0.1 in the book" in out
+    assert "epochs" not in out.split("Values")[0]      # only the settings that differ are named
+
+
+def test_record_on_an_unmeasured_device_reports_instead_of_raising(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EFFICIENTML_BOOK", str(tmp_path))
+    monkeypatch.delenv("EFFICIENTML_CHECK", raising=False)
+    _notebook_with_record(tmp_path, "demo", {"acc": 0.80}, {"acc": 0.05})
+    assert checks.MEASURED_DEVICES == ("cpu",)
+    record("demo", {"acc": 0.50}, {"acc": 0.05}, device="cuda")
+    out = capsys.readouterr().out
+    assert "not checked" in out and "cuda" in out and "acc: 0.5 here" in out
+    with pytest.raises(ResultMismatch):
+        record("demo", {"acc": 0.50}, {"acc": 0.05}, device="cpu")
+    claim(False, "a claim on a GPU", device="mps")       # reported
+    assert "does not hold on this run (mps" in capsys.readouterr().out
+    with pytest.raises(ClaimFailed):
+        claim(False, "a claim on the CPU", device="cpu")
+
+
+def test_record_dir_collects_what_records_and_claims_saw(tmp_path, monkeypatch):
+    """EFFICIENTML_RECORD_DIR: how make test-other-kernels gathers each path's fresh values."""
+    monkeypatch.setenv("EFFICIENTML_BOOK", str(tmp_path))
+    monkeypatch.setenv("EFFICIENTML_RECORD_DIR", str(tmp_path / "seen"))
+    monkeypatch.setenv("EFFICIENTML_CHECK", "off")
+    _notebook_with_record(tmp_path, "demo", {"acc": 0.80}, {"acc": 0.05})
+    record("demo", {"acc": 0.70}, {"acc": 0.05}, settings={"lr": 0.1}, device="cpu")
+    claim(True, "it holds", device="cpu")
+    (rec,) = [json.loads(line) for line in (tmp_path / "seen" / "records.jsonl").read_text().splitlines()]
+    assert rec["name"] == "demo" and rec["values"] == {"acc": 0.70} and rec["stored"] == {"acc": 0.80}
+    assert rec["settings"] == {"lr": 0.1} and len(rec["problems"]) == 1
+    (cl,) = [json.loads(line) for line in (tmp_path / "seen" / "claims.jsonl").read_text().splitlines()]
+    assert cl == {"name": "it holds", "holds": True}
 
 
 def test_an_experiment_recorded_twice_is_an_error(tmp_path):
@@ -114,6 +164,34 @@ def test_spread_by_hand():
         spread([])
     with pytest.raises(ValueError):
         spread([0.5, math.nan])
-    assert over_seeds(lambda seed: seed * 2, [0, 1, 2]) == [0, 2, 4]
+    assert per_seed({"seeds": [0, 1, 2], "lr": 1}, lambda s: (s["seed"] * 2, s["lr"])) == [(0, 1), (2, 1), (4, 1)]
+    with pytest.raises(ValueError, match="seeds"):
+        per_seed({"lr": 1}, lambda s: s)
     hs = [History(test_acc=[0.1, a]) for a in (0.5, 0.7)]
     assert final(hs) == Spread((0.5, 0.7))
+
+
+KERNEL_PATHS = Path(__file__).resolve().parent.parent / "results" / "kernel-paths.json"
+
+
+@pytest.mark.skipif(not KERNEL_PATHS.exists(), reason="no results/kernel-paths.json: make test-other-kernels writes it")
+def test_every_tolerance_covers_what_other_kernel_paths_measured():
+    """results/kernel-paths.json holds how far every recorded value moved on other CPU kernel
+    paths and thread counts (scripts/kernel_paths.py); no stored tolerance may be narrower than
+    that (a value dropped from a record since is not checked), and no claim failed there."""
+    measured = json.loads(KERNEL_PATHS.read_text())
+    assert measured["failed_claims"] == []
+    stored = {name: rec for nb in CHAPTERS for name, rec in checks.read_records(nb).items()}
+    checked = 0
+    for experiment, keys in measured["deviations"].items():
+        if experiment not in stored:
+            continue
+        for key, by_path in keys.items():
+            if key not in stored[experiment]["values"]:
+                continue
+            tol = stored[experiment]["tolerance"].get(key, 0.0)
+            worst_path = max(by_path, key=by_path.get)
+            assert by_path[worst_path] <= tol, (f"{experiment}/{key}: moved {by_path[worst_path]:.4g} on "
+                                                f"{worst_path}, tolerance {tol}")
+            checked += 1
+    assert checked > 100
