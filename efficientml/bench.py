@@ -5,6 +5,7 @@ Speed targets are checked here, by figures a person reads, not by timed tests.
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -14,8 +15,28 @@ from .data import DATASETS, TensorLoader, data_root, load_dataset
 from .train import select_device
 
 
+def synchronize(device) -> None:
+    """Wait until the queued work of ``device`` (a torch.device or its name) is done: GPUs run
+    asynchronously, so a clock read without this measures the launch, not the work. A no-op on
+    the CPU (and any other device)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter or buffer; the CPU for a model with neither (e.g.
+    PyTorch's dynamically quantized int8 models, whose packed weights are CPU-only)."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
 def _images_per_second(loader, epochs: int, device) -> float:
     """Iterate ``loader`` for ``epochs`` epochs, moving each batch to ``device``; images per second."""
+    synchronize(device)
     n, t0 = 0, time.perf_counter()
     for epoch in range(epochs):
         if hasattr(loader, "set_epoch"):
@@ -23,8 +44,7 @@ def _images_per_second(loader, epochs: int, device) -> float:
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             n += len(y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
     return n / (time.perf_counter() - t0)
 
 
@@ -56,16 +76,23 @@ def bench_loader(dataset: str = "fashion-mnist", batch_size: int = 128, epochs: 
 
 @torch.no_grad()
 def latency(model: torch.nn.Module, x: torch.Tensor, repeat: int = 50, warmup: int = 5) -> float:
-    """Median wall time (seconds) of one forward pass of ``model`` on the batch ``x``."""
+    """Median wall time (seconds) of one forward pass of ``model`` (put in eval mode) on the batch
+    ``x``, over ``repeat`` timed passes after ``warmup`` untimed ones. ``x`` is moved once to the
+    model's device (``model_device``); on a GPU each timing waits for the device before starting
+    and before stopping the clock (``synchronize``), so it measures the work, not its launch."""
+    if not isinstance(repeat, int) or not isinstance(warmup, int) or repeat < 1 or warmup < 0:
+        raise ValueError(f"need an int repeat >= 1 and an int warmup >= 0, got {repeat!r}, {warmup!r}")
     model.eval()
+    device = model_device(model)
+    x = x.to(device)
     for _ in range(warmup):
         model(x)
     times = []
     for _ in range(repeat):
+        synchronize(device)
         t0 = time.perf_counter()
         model(x)
-        if x.is_cuda:
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
@@ -81,7 +108,7 @@ def bench_quantization(batch_sizes=(1, 1000), repeat: int = 50) -> list[dict]:
     fp32 = MLP(784, (256, 128), 10).eval()
     int8 = dynamic_int8(fp32)
     return [{"batch": b, "fp32_s": latency(fp32, x, repeat), "dynamic_int8_s": latency(int8, x, repeat)}
-            for b in batch_sizes for x in [torch.randn(b, 1, 28, 28)]]
+            for b in batch_sizes for x in [torch.randn(b, 1, 28, 28, device="cpu")]]
 
 
 def bench_sparse_conv(channels: int = 256, size: int = 8, batch: int = 64, sparsities=(0.0, 0.5, 0.9, 0.99),
@@ -93,7 +120,7 @@ def bench_sparse_conv(channels: int = 256, size: int = 8, batch: int = 64, spars
     from .pruning import SparseConv2d, conv_as_matmul, unstructured_pruning
     torch.manual_seed(0)
     conv = SparseConv2d(channels, channels, 3, padding=1, bias=False, granularity="weight").eval()
-    x = torch.randn(batch, channels, size, size)
+    x = torch.randn(batch, channels, size, size, device="cpu")
     rows = []
     for p in sparsities:
         unstructured_pruning(torch.nn.Sequential(conv), p)
@@ -125,13 +152,16 @@ def bench_generation(model=None, prompt_len: int = 1, n_tokens: int = 200, batch
         torch.manual_seed(0)
         model = LanguageModel(65, 128, 4, 4, 512, max_len=64)
     model.eval()
-    prompt = torch.zeros(batch, prompt_len, dtype=torch.long, device=next(model.parameters()).device)
+    device = model_device(model)
+    prompt = torch.zeros(batch, prompt_len, dtype=torch.long, device=device)
     out, best = {}, {}
     for cache in (False, True):
         times = []
         for _ in range(repeat):
+            synchronize(device)
             t0 = time.perf_counter()
             out[cache] = model.generate(prompt, n_tokens, temperature=0, use_cache=cache)
+            synchronize(device)
             times.append(time.perf_counter() - t0)
         best[cache] = min(times)
     return {"n_tokens": n_tokens, "batch": batch, "max_len": model.max_len,

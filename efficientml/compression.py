@@ -14,6 +14,13 @@ nearest centroid). 1-D tensors (biases, BatchNorm's weight, bias and running sta
 in float32: they are a tiny part of a model (0.2% of the Chapter 2 MLP) and BatchNorm's running
 variance is sensitive to rounding. Integer buffers (num_batches_tracked) are stored as they are.
 
+The file is a ``torch.save`` of ``{"format": FORMAT, "bits", "method", "tensors": {name: entry}}``,
+CPU tensors only. The quantized values use the one entry format of ``quantization.array_entry``,
+the entry ``save_quantized`` writes (packed codes, shape, scale and zero point or codebook): a
+dense tensor's entry is exactly that; a sparse one's is ``{"shape", "bitmap", "values"}``, whose
+``values`` is the array entry of its nonzeros (absent if there are none); other tensors are
+``{"tensor": t}``.
+
 Han et al. store the positions as 4- or 8-bit gaps between nonzeros (CSR) and Huffman-code both
 streams; a bitmap is simpler but, at 90% sparsity, costs 1 bit per entry against 0.5-0.8 bits per
 entry for their 5-bit (fully connected) or 8-bit (conv) gaps, so the files here are somewhat larger.
@@ -27,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .quantization import (CodebookArray, QuantizedArray, _check_bits, dequantize, kmeans_quantize, pack_codes,
-                           quantize, unpack_codes)
+from .quantization import (_check_bits, array_entry, array_from_entry, cpu_state_dict, dequantize,
+                           kmeans_quantize, quantize)
 
-FORMAT = "efficientml-compressed/1"
+FORMAT = "efficientml-compressed/2"
 METHODS = ("kmeans", "linear")
 
 
@@ -49,43 +56,38 @@ def bitmap_pays(numel: int, nonzeros: int, bits: int) -> bool:
     return -(-numel // 8) + packed(nonzeros) < packed(numel)
 
 
+def _quantized(values: torch.Tensor, bits: int, method: str):
+    """``values`` (float32, CPU) quantized per tensor: k-means codebook or affine (linear)."""
+    return kmeans_quantize(values, bits) if method == "kmeans" else quantize(values, bits)
+
+
 def _compress(t: torch.Tensor, bits: int, method: str) -> dict:
-    """One float tensor with at least 2 dimensions as a dict of packed bitmap, codes and codebook."""
-    flat = t.detach().cpu().to(torch.float32).reshape(-1)
+    """The entry of one float tensor with at least 2 dimensions (CPU tensors throughout).
+
+    Dense: the tensor's ``quantization.array_entry``. Sparse (where ``bitmap_pays``):
+    ``{"shape": the tensor's shape, "bitmap": uint8, 1 bit per entry set where it is nonzero
+    (np.packbits, C order), "values": array_entry of the nonzeros (1-D)}``, without ``values``
+    when every entry is zero."""
+    t = t.detach().cpu().to(torch.float32)
+    flat = t.reshape(-1)
     mask = flat != 0
-    entry: dict = {"shape": tuple(t.shape)}
-    if bitmap_pays(flat.numel(), int(mask.sum()), bits):
-        entry["bitmap"] = torch.from_numpy(np.packbits(mask.numpy()))
-        flat = flat[mask]
-    entry["count"] = flat.numel()
-    if flat.numel() == 0:  # an all-zero tensor: the bitmap says it all
-        return entry
-    if method == "kmeans":
-        q = kmeans_quantize(flat, bits)
-        entry["codebook"] = q.codebook
-    else:
-        q = quantize(flat, bits)
-        entry.update(scale=float(q.scale), zero_point=int(q.zero_point))
-    entry["codes"] = torch.from_numpy(pack_codes(q.codes, bits))
+    if not bitmap_pays(flat.numel(), int(mask.sum()), bits):
+        return array_entry(_quantized(t, bits, method))
+    entry = {"shape": tuple(t.shape), "bitmap": torch.from_numpy(np.packbits(mask.numpy()))}
+    if mask.any():
+        entry["values"] = array_entry(_quantized(flat[mask], bits, method))
     return entry
 
 
 def _decompress(entry: dict, bits: int) -> torch.Tensor:
-    """The float32 tensor that ``_compress`` stored."""
-    count = entry["count"]
-    values = torch.zeros(count)
-    if count:
-        codes = torch.from_numpy(unpack_codes(entry["codes"].numpy(), bits, count))
-        q = (CodebookArray(codes, entry["codebook"], bits) if "codebook" in entry else
-             QuantizedArray(codes, torch.tensor(entry["scale"], dtype=torch.float32),
-                            torch.tensor(entry["zero_point"], dtype=torch.uint8), bits))
-        values = dequantize(q)
+    """The float32 CPU tensor that ``_compress`` stored."""
     if "bitmap" not in entry:
-        return values.reshape(entry["shape"])
+        return dequantize(array_from_entry(entry, bits))
     n = math.prod(entry["shape"])
     mask = torch.from_numpy(np.unpackbits(entry["bitmap"].numpy(), count=n).astype(bool))
-    out = torch.zeros(n)
-    out[mask] = values
+    out = torch.zeros(n, dtype=torch.float32, device=mask.device)
+    if "values" in entry:
+        out[mask] = dequantize(array_from_entry(entry["values"], bits))
     return out.reshape(entry["shape"])
 
 
@@ -98,31 +100,35 @@ def save_compressed(model: nn.Module, f, bits: int = 4, method: str = "kmeans") 
     values stored, i.e. to the nonzeros of a sparse tensor. The file is a ``torch.save`` of a dict
     of tensors, ints, floats and tuples, so ``torch.load(f, weights_only=True)`` reads it.
     The state dict is stored as it is: fold pruning masks into the weights first (a
-    ``SparseConv2d`` keeps nonzero raw weights under its mask).
+    ``SparseConv2d`` keeps nonzero raw weights under its mask). Each quantized tensor's entry is
+    the one ``quantization.save_quantized`` writes (``quantization.array_entry``), for the whole
+    tensor or, with a bitmap, for its nonzeros; other tensors are stored as ``{"tensor": t}``.
+    Everything is stored on the CPU, so a file written on a GPU loads anywhere.
     """
     bits = _check(model, bits, method)
     tensors = {}
-    for name, t in model.state_dict().items():
+    for name, t in cpu_state_dict(model).items():
         if t.is_floating_point() and t.ndim >= 2:
             tensors[name] = _compress(t, bits, method)
         else:
-            tensors[name] = {"tensor": t.detach().cpu().clone()}  # fp32 1-D tensors, integer buffers
+            tensors[name] = {"tensor": t.clone()}  # fp32 1-D tensors, integer buffers
     torch.save({"format": FORMAT, "bits": bits, "method": method, "tensors": tensors}, f)
 
 
 def load_compressed(model: nn.Module, f) -> nn.Module:
     """Load what ``save_compressed`` stored into ``model`` (float tensors dequantized to float32,
-    then cast to the model's dtype); returns ``model``. Zeros of sparse tensors come back exactly 0,
-    the other entries as their codebook (k-means) or dequantized (linear) values."""
+    then cast to the model's dtype, on the model's device); returns ``model``. Zeros of sparse
+    tensors come back exactly 0, the other entries as their codebook (k-means) or dequantized
+    (linear) values. The file is read onto the CPU, wherever it was written."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    saved = torch.load(f, weights_only=True)
+    saved = torch.load(f, map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or saved.get("format") != FORMAT:
         raise ValueError(f"not a file written by save_compressed (format {FORMAT!r})")
     state = model.state_dict()
     for name, entry in saved["tensors"].items():
         t = entry["tensor"] if "tensor" in entry else _decompress(entry, saved["bits"])
-        state[name] = t.to(state[name].dtype) if name in state else t
+        state[name] = t.to(state[name].device, state[name].dtype) if name in state else t
     model.load_state_dict(state)
     return model
 

@@ -117,7 +117,7 @@ class SparseConvNet(ConvNet):
         for conv, bn, relu in self.features:
             x = bn(conv(x))
             if conv.granularity == "filter":
-                x = x * conv.mask.view(1, -1, 1, 1)
+                x = x * conv.mask.reshape(1, -1, 1, 1)
             x = relu(x)
         return self.classifier(self.pool(x).flatten(1))
 
@@ -135,13 +135,23 @@ def _check_percent(prune_percent) -> float:
     return float(prune_percent)
 
 
+def _ranking_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores`` as float64 on the CPU, -inf where ``mask`` (as many entries, any shape) is 0, in
+    ``scores``' shape. Pruning ranks these on the CPU: float64 (exact for any float32 score) is
+    not on every device (MPS has none), and the CPU's ``topk`` breaks ties between equal scores
+    the same way wherever the weights live."""
+    pruned = mask.detach().cpu().reshape(scores.shape) == 0
+    return torch.where(pruned, -math.inf, scores.detach().cpu().to(torch.float64))
+
+
 def _prune_smallest(mask: torch.Tensor, scores: torch.Tensor, n_pruned: int) -> None:
     """Zero ``mask`` where ``scores`` are smallest until ``n_pruned`` entries are zero; pruned entries
     count first (score -inf), so they stay pruned and the rest are ranked by importance."""
-    flat_mask = mask.view(-1)
-    scores = torch.where(flat_mask == 0, -math.inf, scores.reshape(-1).to(torch.float64))
+    flat_mask = mask.detach().reshape(-1).clone()  # logical order, whatever the memory format
+    scores = _ranking_scores(scores.reshape(-1), flat_mask)
     if n_pruned > 0:
-        flat_mask[torch.topk(scores, n_pruned, largest=False).indices] = 0
+        flat_mask[torch.topk(scores, n_pruned, largest=False).indices.to(flat_mask.device)] = 0
+    mask.copy_(flat_mask.view(mask.shape))
 
 
 def _layer_fractions(layers: dict[str, SparseConv2d], prune_percent, granularity: str) -> dict[str, float]:
@@ -278,8 +288,8 @@ def n_m_pruning(net: nn.Module, n: int = 2, m: int = 4, skip_indivisible: bool =
                          f"{bad} (skip_indivisible=True leaves them dense)")
     layers = {name: mod for name, mod in layers.items() if name not in bad}
     for mod in layers.values():
-        scores = torch.where(mod.mask == 0, -math.inf, mod.effective_weight().abs().to(torch.float64))
-        mod.mask.mul_(n_m_mask(scores, n, m).to(mod.mask.dtype))
+        scores = _ranking_scores(mod.effective_weight().abs(), mod.mask)
+        mod.mask.mul_(n_m_mask(scores, n, m).to(mod.mask.device, mod.mask.dtype))
     return {name: mod.sparsity() for name, mod in layers.items()}
 
 
@@ -403,7 +413,7 @@ def compact(net: SparseConvNet) -> ConvNet:
     for conv, _, _ in net.features:
         if conv.granularity != "filter":
             raise ValueError("compact needs filter-granularity (structured) pruning")
-        kept = torch.nonzero(conv.mask.view(-1)).view(-1)
+        kept = torch.nonzero(conv.mask.reshape(-1)).reshape(-1)
         if len(kept) == 0:
             raise ValueError("a layer has every filter pruned: nothing would flow through it")
         keep.append(kept)

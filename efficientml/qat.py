@@ -160,10 +160,14 @@ def quantize_activation(x: torch.Tensor, scale: float) -> torch.Tensor:
 
 
 def fixed_point_multiplier(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M0, shift), ``int64`` tensors of ``m``'s shape, with M0 in [2**30, 2**31) (an int32) and
-    M0 * 2**-shift = m to within 2**-31 relative. ``m``: positive reals in [2**-32, 2**30), so that
-    1 <= shift <= 62 (the rounding shift of an int64 product)."""
-    m = torch.as_tensor(m, dtype=torch.float64)
+    """(M0, shift), ``int64`` CPU tensors of ``m``'s shape, with M0 in [2**30, 2**31) (an int32) and
+    M0 * 2**-shift = m to within 2**-31 relative. ``m``: positive reals in [2**-32, 2**30) (a tensor
+    on any device, a number or a sequence), so that 1 <= shift <= 62 (the rounding shift of an
+    int64 product). Computed in float64 on the CPU."""
+    if isinstance(m, torch.Tensor):
+        m = m.detach().cpu().to(torch.float64)
+    else:
+        m = torch.as_tensor(m, dtype=torch.float64, device="cpu")
     if not (torch.isfinite(m).all() and (m >= 2.0 ** -32).all() and (m < 2.0 ** 30).all()):
         raise ValueError(f"multipliers must lie in [2**-32, 2**30), got {m.min().item()}..{m.max().item()}")
     mantissa, exponent = torch.frexp(m)                       # m = mantissa * 2**exponent, in [0.5, 1)
@@ -254,10 +258,19 @@ def _layer_codes(linear: nn.Linear, input_scale: float):
     return w_q, s_w, b_q.to(torch.int32)
 
 
+def _check_on_cpu(layer: nn.Module) -> None:
+    device = layer.weight.device
+    if device.type != "cpu":
+        raise ValueError(f"integer-only inference runs on the CPU (PyTorch has no int32 matrix product "
+                         f"on CUDA, and MPS has no float64), but this layer is on {device}: keep the "
+                         f"integer model on the CPU (it takes inputs from any device)")
+
+
 class IntegerLinear(nn.Module):
     """One integer layer: int8 codes in, int32 accumulator ``x_q @ w_q.T + b_q``, then either the
     next layer's int8 codes (requantized by M0 * 2**-shift, ReLU as max(., 0), saturated to
     [-127, 127]) or, for the last layer (``m0`` None), float32 logits ``s_w * s_x * acc``.
+    It runs on the CPU only (its buffers must stay there; ValueError otherwise).
 
     Buffers: weight ``int8`` (out, in), bias ``int32`` (out,), weight_scale ``float64`` (out,), and
     m0, shift ``int64`` (out,) for hidden layers. ``accumulator_bound``: the largest |acc| any int8
@@ -281,9 +294,10 @@ class IntegerLinear(nn.Module):
             raise ValueError(f"accumulators could reach {self.accumulator_bound}, beyond int32")
 
     def accumulate(self, x_q: torch.Tensor) -> torch.Tensor:
-        """int32 (B, out) accumulators of int8 codes x_q (B, in). The product runs as an int32
-        matrix multiplication on int8 values: exact, since every partial sum is within
+        """int32 (B, out) accumulators of int8 codes x_q (B, in), on the CPU. The product runs as
+        an int32 matrix multiplication on int8 values: exact, since every partial sum is within
         ``accumulator_bound`` < 2**31 (no wrap-around is possible)."""
+        _check_on_cpu(self)
         return x_q.to(torch.int32) @ self.weight.to(torch.int32).T + self.bias
 
     def forward(self, x_q: torch.Tensor) -> torch.Tensor:
@@ -301,7 +315,8 @@ class IntegerLinear(nn.Module):
 class IntegerMLP(nn.Module):
     """An ``MLP`` computing in integers: input (B, ...) float, flattened and quantized to int8 with the
     first layer's activation scale; int8 x int8 -> int32 layers (``IntegerLinear``); output float32
-    logits (B, num_classes). The integer kernels run on the CPU (inputs are moved there)."""
+    logits (B, num_classes). A CPU model: ``from_float`` builds it on the CPU from a float MLP on any
+    device, inputs from any device are moved to the CPU, and the logits are CPU tensors."""
 
     def __init__(self, layers: list[IntegerLinear]):
         super().__init__()
@@ -322,10 +337,13 @@ class IntegerMLP(nn.Module):
                 layers.append(IntegerLinear(w_q, b_q, s_w, scales[i]))
         return cls(layers)
 
+    def _input_codes(self, x: torch.Tensor) -> torch.Tensor:
+        """int8 (B, in) codes of the float input ``x`` (B, ...), on the CPU."""
+        return quantize_activation(x.detach().flatten(1).to("cpu", torch.float32), self.layers[0].input_scale)
+
     def trace(self, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(int8 input codes, int32 accumulator) of every layer for input ``x``."""
-        first = self.layers[0]
-        x_q = quantize_activation(x.flatten(1).to(first.weight.device, torch.float32), first.input_scale)
+        x_q = self._input_codes(x)
         out = []
         for layer in self.layers:
             acc = layer.accumulate(x_q)
@@ -335,8 +353,7 @@ class IntegerMLP(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.layers[0]
-        h = quantize_activation(x.flatten(1).to(first.weight.device, torch.float32), first.input_scale)
+        h = self._input_codes(x)
         for layer in self.layers:
             h = layer(h)
         return h

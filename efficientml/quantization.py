@@ -171,8 +171,8 @@ def dequantize(q: QuantizedArray | CodebookArray):
         raise TypeError(f"dequantize takes a QuantizedArray or a CodebookArray, got {type(q).__name__}")
     is_numpy = isinstance(q.codes, np.ndarray)
     codes = torch.from_numpy(q.codes) if is_numpy else q.codes
-    scale = torch.as_tensor(q.scale)
-    zp = torch.as_tensor(q.zero_point)
+    scale = torch.as_tensor(q.scale, device=codes.device)
+    zp = torch.as_tensor(q.zero_point, device=codes.device)
     if codes.dtype != torch.uint8:
         raise TypeError(f"codes must be uint8, got {codes.dtype}")
     view = _channel_shape(codes.ndim, q.axis, codes.shape[q.axis] if q.axis is not None else 0)
@@ -243,9 +243,11 @@ class CodebookArray:
         return -(-n * self.bits // 8) + 4 * 2 ** self.bits
 
     def dequantize(self):
-        """The float32 array ``codebook[codes]`` (NumPy or torch, as the codes are)."""
-        return self.codebook[self.codes.astype(np.intp) if isinstance(self.codes, np.ndarray)
-                             else self.codes.long()]
+        """The float32 array ``codebook[codes]`` (NumPy or torch, as the codes are; on the codes'
+        device)."""
+        if isinstance(self.codes, np.ndarray):
+            return self.codebook[self.codes.astype(np.intp)]
+        return torch.as_tensor(self.codebook, device=self.codes.device)[self.codes.long()]
 
 
 def kmeans_quantize(x, bits: int = 8, iters: int = 30) -> CodebookArray:
@@ -257,25 +259,26 @@ def kmeans_quantize(x, bits: int = 8, iters: int = 30) -> CodebookArray:
     and it is deterministic). Each of at most ``iters`` iterations moves every centroid to the mean
     of the values assigned to it (a centroid with no values stays where it is) and reassigns each
     value to its nearest centroid (ties to the lower index); it stops early once no assignment
-    changes. Means are taken in float64, the codebook is stored in float32.
+    changes. Means are taken in float64 on a CPU copy (exact sums; MPS has no float64); the codes
+    (uint8) and the float32 codebook are returned on ``x``'s device.
     Same validation as ``quantize``, plus ``iters`` must be an int >= 0.
     """
     bits = _check_bits(bits)
     if isinstance(iters, bool) or not isinstance(iters, (int, np.integer)) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     t, is_numpy = _float32_input(x, "kmeans_quantize")
-    codes, centroids = _lloyd(t.reshape(-1).to(torch.float64), 2 ** bits, int(iters))
+    codes, centroids = _lloyd(t.reshape(-1).cpu().to(torch.float64), 2 ** bits, int(iters))
     codes, codebook = codes.to(torch.uint8).reshape(t.shape), centroids.to(torch.float32)
     if is_numpy:
         return CodebookArray(codes.numpy().copy(), codebook.numpy().copy(), bits)
-    return CodebookArray(codes, codebook, bits)
+    return CodebookArray(codes.to(t.device), codebook.to(t.device), bits)
 
 
 def _lloyd(v: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1-D k-means of the float64 values ``v`` (n,) with ``k`` centroids.
-    Returns (codes int64 (n,), centroids float64 (k,), sorted)."""
+    Returns (codes int64 (n,), centroids float64 (k,), sorted), on ``v``'s device."""
     lo, hi = v.min(), v.max()
-    centroids = lo + (hi - lo) * torch.arange(k, dtype=torch.float64) / max(k - 1, 1)
+    centroids = lo + (hi - lo) * torch.arange(k, dtype=torch.float64, device=v.device) / max(k - 1, 1)
     codes = _nearest(v, centroids)
     for _ in range(iters):
         counts = torch.bincount(codes, minlength=k)
@@ -388,59 +391,113 @@ def dequantized_model(model: nn.Module, bits: int = 8, per_channel: bool = False
 
 
 # -- files -------------------------------------------------------------------------------------
+#
+# One format for quantized arrays in files, shared by ``save_quantized`` and
+# ``compression.save_compressed``: the ENTRY of an array, a dict of CPU tensors and plain values
+# that ``torch.load(..., weights_only=True)`` reads on any machine.
+
+FILE_FORMAT = 2  # save_quantized's files: {"format", "bits", "per_channel", "method", "tensors"}
+
+
+def array_entry(q: QuantizedArray | CodebookArray) -> dict:
+    """``q`` as a file entry of CPU tensors:
+
+    ``packed``: ``uint8`` (ceil(n * bits / 8),), the n codes packed by ``pack_codes``;
+    ``shape``: tuple, the array's shape (n = its product);
+    a ``QuantizedArray`` adds ``scale`` (``float32``), ``zero_point`` (``uint8``), both of shape ()
+    per tensor or (C,) per channel, and ``axis`` (None or the channel axis);
+    a ``CodebookArray`` adds ``codebook`` (``float32`` (2**bits,)).
+    The bit width is not in the entry: the file stores it once. ``array_from_entry`` inverts it."""
+    if not isinstance(q, (QuantizedArray, CodebookArray)):
+        raise TypeError(f"array_entry takes a QuantizedArray or a CodebookArray, got {type(q).__name__}")
+    entry = {"packed": torch.from_numpy(pack_codes(q.codes, q.bits)), "shape": tuple(q.codes.shape)}
+    if isinstance(q, CodebookArray):
+        return entry | {"codebook": _cpu_tensor(q.codebook)}
+    return entry | {"scale": _cpu_tensor(q.scale), "zero_point": _cpu_tensor(q.zero_point), "axis": q.axis}
+
+
+def _cpu_tensor(a) -> torch.Tensor:
+    return a.detach().cpu() if isinstance(a, torch.Tensor) else torch.from_numpy(np.asarray(a))
+
+
+def array_from_entry(entry: dict, bits: int) -> QuantizedArray | CodebookArray:
+    """The array that ``array_entry`` stored, with ``bits``-bit codes, as CPU tensors.
+    Raises ValueError for an entry without packed codes and a shape."""
+    if not isinstance(entry, dict) or not {"packed", "shape"} <= entry.keys():
+        raise ValueError("not a quantized-array entry: it needs 'packed' codes and a 'shape'")
+    shape = tuple(entry["shape"])
+    codes = unpack_codes(entry["packed"].numpy(), bits, math.prod(shape))
+    codes = torch.from_numpy(codes).reshape(shape)
+    if "codebook" in entry:
+        return CodebookArray(codes, entry["codebook"], bits)
+    return QuantizedArray(codes, entry["scale"], entry["zero_point"], bits, entry["axis"])
+
 
 def save_quantized(model: nn.Module, f, bits: int = 8, per_channel: bool = False,
                    method: str = "linear") -> None:
     """Store ``model``'s float parameters and buffers for real, in ``bits`` bits per value.
 
-    ``torch.save`` of a dict of tensors (``f`` is a path or a file object; it loads with
-    ``weights_only=True``). Each tensor's codes are packed with ``pack_codes`` (two 4-bit codes
-    per byte, four 2-bit codes...) with the shape needed to unpack them, plus float32 scales and
-    uint8 zero points (linear, symmetric) or the float32 codebook (kmeans). Integer buffers are
-    not stored: ``load_quantized`` leaves them as the model has them.
+    ``torch.save`` of a dict (``f`` is a path or a file object): ``format`` (``FILE_FORMAT``),
+    ``bits``, ``per_channel``, ``method`` and ``tensors``, {name: ``array_entry``}: the codes packed
+    (two 4-bit codes per byte, four 2-bit codes...) with the shape needed to unpack them, plus
+    float32 scales and uint8 zero points (linear, symmetric) or the float32 codebook (kmeans).
+    Everything is stored on the CPU, so a file written on a GPU loads anywhere (with
+    ``weights_only=True``). Integer buffers are not stored: ``load_quantized`` leaves them as the
+    model has them.
     """
     qsd = quantize_state_dict(model, bits, per_channel, method)
-    tensors = {}
-    for name, q in qsd.items():
-        d = {"packed": torch.from_numpy(pack_codes(q.codes, q.bits)), "shape": tuple(q.codes.shape)}
-        if isinstance(q, CodebookArray):
-            d["codebook"] = q.codebook
-        else:
-            d.update(scale=q.scale, zero_point=q.zero_point, axis=q.axis)
-        tensors[name] = d
-    torch.save({"format": 2, "bits": bits, "per_channel": per_channel, "method": method,
-                "tensors": tensors}, f)
+    torch.save({"format": FILE_FORMAT, "bits": bits, "per_channel": per_channel, "method": method,
+                "tensors": {name: array_entry(q) for name, q in qsd.items()}}, f)
 
 
 def load_quantized(model: nn.Module, f) -> nn.Module:
-    """Load what ``save_quantized`` stored into ``model`` (dequantizing to float32); returns it.
-    Reads packed files and the older format with one uint8 code per value."""
-    saved = torch.load(f, weights_only=True)
+    """Load what ``save_quantized`` stored into ``model`` (dequantized to float32, then cast to
+    the model's dtype, on the model's device); returns it. The file is read onto the CPU, wherever
+    it was written. Raises ValueError for a file of another kind."""
+    saved = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != FILE_FORMAT:
+        raise ValueError(f"not a file written by save_quantized (format {FILE_FORMAT})")
     bits, state = saved["bits"], model.state_dict()
-    for name, d in saved["tensors"].items():
-        if "packed" in d:
-            count = math.prod(d["shape"])
-            codes = torch.from_numpy(unpack_codes(d["packed"].numpy(), bits, count)).reshape(d["shape"])
-        else:
-            codes = d["codes"]
-        q = (CodebookArray(codes, d["codebook"], bits) if "codebook" in d
-             else QuantizedArray(codes, d["scale"], d["zero_point"], bits, d["axis"]))
-        state[name] = dequantize(q).to(state[name].dtype)
+    unknown = [name for name in saved["tensors"] if name not in state]
+    if unknown:
+        raise ValueError(f"the file holds tensors the model does not have: {unknown}")
+    for name, entry in saved["tensors"].items():
+        state[name] = dequantize(array_from_entry(entry, bits)).to(state[name].device, state[name].dtype)
     model.load_state_dict(state)
     return model
 
 
+def cpu_state_dict(obj) -> dict:
+    """A shallow copy of ``obj`` (a state dict, or a model's state dict) with every tensor on the
+    CPU and detached, keys, order and the state dict's ``_metadata`` kept: what to ``torch.save``
+    so that the file loads on any machine."""
+    state = obj.state_dict() if isinstance(obj, nn.Module) else obj
+    out = copy.copy(state)
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.detach().cpu()
+    return out
+
+
 def serialized_size(obj) -> int:
-    """Bytes ``torch.save`` writes for ``obj`` (a state dict, or a model's state dict)."""
+    """Bytes ``torch.save`` writes for ``obj`` (a state dict, or a model's state dict), its tensors
+    on the CPU (``cpu_state_dict``: the size does not depend on the device)."""
     buf = io.BytesIO()
-    torch.save(obj.state_dict() if isinstance(obj, nn.Module) else obj, buf)
+    torch.save(cpu_state_dict(obj), buf)
     return buf.getbuffer().nbytes
 
 
 def dynamic_int8(model: nn.Module) -> nn.Module:
     """PyTorch's own dynamic int8 quantization of the Linear layers (int8 weights, activations
-    quantized on the fly, int8 matrix products). ``torch.ao.quantization`` is deprecated in favour
-    of the torchao package; its warnings are silenced here."""
+    quantized on the fly, int8 matrix products), of a copy of ``model`` in eval mode.
+
+    Its quantized kernels run on the CPU only, so the copy is moved to the CPU, wherever ``model``
+    is: the result is a CPU model (feed it CPU inputs; ``train.evaluate`` and ``bench.latency``
+    do), and ``model`` itself is not changed or moved. ``torch.ao.quantization`` is deprecated in
+    favour of the torchao package; its warnings are silenced here."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"dynamic_int8 takes an nn.Module, got {type(model).__name__}")
+    cpu_copy = copy.deepcopy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model).eval(), {nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(cpu_copy, {nn.Linear}, dtype=torch.qint8)

@@ -1,4 +1,5 @@
 import io
+import warnings
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from torch import nn
 
 from efficientml import MLP
 from efficientml.compression import bitmap_pays, compressed_size, load_compressed, save_compressed
-from efficientml.quantization import dequantize, kmeans_quantize, quantize, save_quantized, serialized_size
+from efficientml.quantization import (array_entry, dequantize, kmeans_quantize, quantize, save_quantized,
+                                      serialized_size)
 
 
 def conv_model() -> nn.Module:
@@ -75,7 +77,7 @@ def test_an_all_zero_weight_comes_back_all_zero():
     with torch.no_grad():
         model[4].weight.zero_()
     loaded, saved = round_trip(model, conv_model, bits=4)
-    assert saved["tensors"]["4.weight"]["count"] == 0 and torch.equal(loaded["4.weight"], model[4].weight)
+    assert "values" not in saved["tensors"]["4.weight"] and torch.equal(loaded["4.weight"], model[4].weight)
 
 
 def test_bitmap_pays_by_hand():
@@ -133,3 +135,62 @@ def test_not_a_model_or_not_a_compressed_file():
     buf.seek(0)
     with pytest.raises(ValueError, match="save_compressed"):
         load_compressed(conv_model(), buf)
+
+
+# -- one format for quantized arrays, and files that load on any machine -------------------------
+
+@pytest.mark.parametrize("method", ["kmeans", "linear"])
+def test_entries_are_save_quantizeds_array_entries(method):
+    model = pruned(conv_model, 0.5)
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn_like(model[0].weight))  # dense: no bitmap
+    _, saved = round_trip(model, conv_model, bits=4, method=method)
+    buf = io.BytesIO()
+    save_quantized(model, buf, bits=4, method=method)
+    buf.seek(0)
+    quantized_entry = torch.load(buf, weights_only=True)["tensors"]["0.weight"]
+    dense, sparse = saved["tensors"]["0.weight"], saved["tensors"]["4.weight"]
+    assert dense.keys() == quantized_entry.keys() and "bitmap" not in dense
+    assert all(torch.equal(dense[k], v) if isinstance(v, torch.Tensor) else dense[k] == v
+               for k, v in quantized_entry.items())
+    nonzeros = model[4].weight[model[4].weight != 0].detach()
+    q = kmeans_quantize(nonzeros, 4) if method == "kmeans" else quantize(nonzeros, 4)
+    assert set(sparse) == {"shape", "bitmap", "values"} and sparse["values"].keys() == array_entry(q).keys()
+
+
+def _as_if_written_on_cuda(monkeypatch, save) -> io.BytesIO:
+    """What ``save(f)`` writes, with every storage tagged as a CUDA one, as on a GPU."""
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    buf = io.BytesIO()
+    save(buf)
+    monkeypatch.undo()
+    buf.seek(0)
+    return buf
+
+
+def test_a_file_written_on_a_gpu_loads_on_the_cpu(monkeypatch):
+    model = pruned(conv_model, 0.5)
+    ref = round_trip(model, conv_model, bits=4)[0]
+    buf = _as_if_written_on_cuda(monkeypatch, lambda f: save_compressed(model, f, bits=4))
+    loaded = load_compressed(conv_model(), buf).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in ref.items())
+
+
+def test_files_hold_cpu_tensors_and_loading_keeps_the_models_device():
+    _, saved = round_trip(pruned(conv_model, 0.5), conv_model, bits=4, method="linear")
+
+    def tensors(d):
+        for v in d.values():
+            if isinstance(v, dict):
+                yield from tensors(v)
+            elif isinstance(v, torch.Tensor):
+                yield v
+    assert all(t.device.type == "cpu" for t in tensors(saved["tensors"]))
+    buf = io.BytesIO()
+    save_compressed(pruned(conv_model, 0.5), buf, bits=4)
+    buf.seek(0)
+    target = conv_model().to("meta")  # stands for a model on a GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # copying CPU values into meta parameters warns
+        load_compressed(target, buf)
+    assert all(t.device.type == "meta" for t in target.state_dict().values())

@@ -1,7 +1,11 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.utils.prune as tprune
 from torch import nn
+
+from device_checks import implicit_device_trap, no_float64
 
 from efficientml import ConvNet, TensorLoader, count_macs, count_parameters, evaluate, fit, seed_everything
 from efficientml.experiments import EXPERIMENTS
@@ -586,3 +590,90 @@ def test_deep_compression_stages_measure_files_and_read_them_back(tiny):
     assert b["pruned, 4-bit k-means"] < b["dense, 4-bit k-means"] < b["dense, fp32"] / 4
     assert b["pruned, 2-bit k-means"] < b["pruned, 4-bit k-means"] < b["pruned, 4-bit linear"] * 1.1
     assert "smaller by" in compression_table([r, r])
+
+
+# -- devices: masks ranked on a CPU copy, the training path without float64, seeds in order -------
+
+def test_ranking_scores_are_an_exact_float64_cpu_copy():
+    from efficientml.pruning import _ranking_scores
+    scores = torch.tensor([[0.1, 0.3, 0.2], [1e-30, 3.4e38, 0.0]])
+    mask = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, 0.0])  # any shape with as many entries
+    r = _ranking_scores(scores, mask)
+    assert r.dtype == torch.float64 and r.device.type == "cpu" and r.shape == scores.shape
+    kept = mask.view(2, 3) != 0
+    assert torch.equal(r[kept], scores[kept].double()) and (r[~kept] == float("-inf")).all()
+
+
+@pytest.mark.parametrize("granularity, prune", [("filter", lambda net: filter_l1_pruning(net, 0.5)),
+                                                ("weight", lambda net: unstructured_pruning(net, 0.7)),
+                                                ("weight", lambda net: n_m_pruning(net, 2, 4, skip_indivisible=True))])
+def test_pruning_makes_its_tensors_on_the_weights_device(granularity, prune):
+    torch.manual_seed(0)
+    net = SparseConvNet(1, 10, width=0.25, granularity=granularity)
+    with torch.no_grad():  # many exact ties: the ranking must break them the same way
+        for m in sparse_layers(net).values():
+            m.weight.copy_(torch.randint(-3, 4, m.weight.shape) / 4)
+    ref = copy.deepcopy(net)
+    prune(ref)
+    with implicit_device_trap():
+        prune(net)
+    for (name, m), r in zip(sparse_layers(net).items(), sparse_layers(ref).values()):
+        assert m.mask.dtype == torch.float32 and m.mask.device == m.weight.device
+        assert torch.equal(m.mask, r.mask), name
+
+
+def test_sparse_training_path_makes_no_float64():
+    torch.manual_seed(0)
+    net = SparseConvNet(1, 10, width=0.25, granularity="weight")
+    unstructured_pruning(net, 0.5)
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    with implicit_device_trap(), no_float64():
+        nn.functional.cross_entropy(net(x), y).backward()
+    assert all((m.weight.grad[m.mask == 0] == 0).all() for m in sparse_layers(net).values())
+
+
+def test_per_baseline_runs_seed_after_seed():
+    from efficientml.experiments.pruning import _per_baseline
+    s = {"seeds": [5, 3, 9], "x": 1}
+    out = _per_baseline(["a", "b"], s, lambda model, ss: (model, ss["seed"], ss["x"]))
+    assert out == [("a", 5, 1), ("b", 3, 1)]  # fewer baselines than seeds: the first seeds
+    with pytest.raises(ValueError):
+        _per_baseline(["a", "b", "c", "d"], s, lambda model, ss: None)
+    with pytest.raises(ValueError):
+        _per_baseline([], s, lambda model, ss: None)
+
+
+def test_train_pruning_runs_trains_seed_after_seed(monkeypatch):
+    from efficientml.experiments import pruning as experiment
+    calls = []
+
+    def train_convnet(s, lr, epochs, scheduler, milestones, gamma, *, out_dir, tag, device, progress, callback,
+                      make_model):
+        calls.append((s["seed"], tag, callback is None))
+        return f"model-{tag}", f"hist-{tag}"
+
+    monkeypatch.setattr(experiment, "train_convnet", train_convnet)
+    monkeypatch.setattr(experiment, "train_loaders", lambda s, device: (None, f"test{s['seed']}", None))
+    s = EXPERIMENTS["pruning"].settings["quick"] | {"seeds": [1, 0]}
+    runs = experiment.train_pruning_runs(s)
+    assert calls == [(seed, f"pruning-{name}-seed{seed}", name == "baseline")
+                     for seed in (1, 0) for name in ("baseline", "structured", "unstructured")]
+    assert [r.model for r in runs["unstructured"]] == ["model-pruning-unstructured-seed1",
+                                                       "model-pruning-unstructured-seed0"]
+    assert runs["baseline"][0].schedule is None and runs["structured"][1].schedule.evaluate_on == "test0"
+
+
+def test_pruning_a_channels_last_network_prunes_the_same_weights():
+    """The chapters train in channels-last memory format (NHWC); a mask is written in the
+    weights' logical order, so pruning picks the same weights as on the default layout."""
+    torch.manual_seed(0)
+    a = SparseConvNet(1, 10, 0.25, granularity="weight")
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    assert not b.features[1][0].mask.is_contiguous()  # (conv, bn, relu) blocks
+    for net in (a, b):
+        unstructured_pruning(net, 0.6)
+    for (ca, _, _), (cb, _, _) in zip(a.features, b.features):
+        assert torch.equal(ca.mask, cb.mask) and 0.55 < 1 - ca.mask.mean().item() < 0.65
+    s = SparseConvNet(1, 10, 0.25, granularity="filter").to(memory_format=torch.channels_last)
+    filter_l1_pruning(s, 0.5)
+    assert compact(s.eval())(torch.randn(2, 1, 28, 28)).shape == (2, 10)

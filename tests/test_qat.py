@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from device_checks import implicit_device_trap, no_float64
+
 from efficientml import MLP, TensorLoader, evaluate, fit
 from efficientml.experiments.qat import integer_inference_summary, qat_finetune
 from efficientml.qat import (FakeQuant, IntegerMLP, calibrate, convert_qat, fake_quant_forward, fake_quantize,
@@ -284,3 +286,53 @@ def test_qat_recovers_two_bit_accuracy_and_integer_inference_agrees(fashion_trai
     assert abs(summary["integer_acc"] - summary["fake_quant_acc"]) <= 0.01
     assert abs(summary["integer_acc"] - summary["fp32_acc"]) <= 0.02
     assert summary["max_logit_diff"] <= _logit_tolerance(model, summary["act_absmax"])
+
+
+# -- devices: QAT on the training device, integer inference on the CPU -------------------------------
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qat_training_path_makes_no_float64_and_no_stray_device(per_channel):
+    torch.manual_seed(0)
+    qat = prepare_qat(_bn_convnet(), 4, per_channel)
+    x, y = torch.randn(3, 1, 8, 8), torch.tensor([0, 1, 4])
+    with implicit_device_trap(), no_float64():  # what fit runs on a GPU or an Apple GPU
+        F.cross_entropy(qat(x), y).backward()
+        act = calibrate(qat, [(x, y)], 1)
+    assert all(p.grad is not None for p in qat.parameters()) and sorted(act) == ["4"]
+
+
+def test_integer_mlp_is_built_and_run_on_the_cpu():
+    mlp, act, x = _random_mlp_and_calibration()
+    ref = IntegerMLP.from_float(mlp, act)(x[:50])
+    with implicit_device_trap():
+        im = IntegerMLP.from_float(mlp, act)
+        logits = im(x[:50])
+    assert logits.device.type == "cpu" and torch.equal(logits, ref)
+    assert all(b.device.type == "cpu" for b in im.buffers())
+    m0, shift = fixed_point_multiplier(torch.tensor([0.3, 1e-3], dtype=torch.float32))
+    assert m0.device.type == shift.device.type == "cpu" and m0.dtype == torch.int64
+    exact = torch.tensor([0.3], dtype=torch.float64)
+    assert torch.equal(fixed_point_multiplier([0.3])[0], fixed_point_multiplier(exact)[0])
+
+
+def test_integer_mlp_off_the_cpu_says_it_runs_on_the_cpu():
+    mlp, act, x = _random_mlp_and_calibration()
+    im = IntegerMLP.from_float(mlp, act).to("meta")  # stands for an integer model moved to a GPU
+    for f in (im, im.trace):
+        with pytest.raises(ValueError, match="runs on the CPU"):
+            f(x[:5])
+
+
+def test_qat_over_seeds_runs_seed_after_seed_with_each_seeds_model(monkeypatch):
+    from efficientml.experiments import qat as experiment
+    calls = []
+
+    def one_seed(model, s, bits_list, *args):
+        calls.append((model, s["seed"]))
+        return {"model": model}
+
+    monkeypatch.setattr(experiment, "_qat_seed", one_seed)
+    rows = experiment.qat_over_seeds(["m3", "m1", "m3b"], {"seeds": [3, 1, 3]}, [4])
+    assert calls == [("m3", 3), ("m1", 1), ("m3b", 3)] and rows == [{"model": m} for m in ("m3", "m1", "m3b")]
+    with pytest.raises(ValueError):
+        experiment.qat_over_seeds(["m3"], {"seeds": [3, 1]}, [4])

@@ -1,4 +1,6 @@
 import io
+import math
+import warnings
 
 import numpy as np
 import pytest
@@ -8,10 +10,14 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from torch import nn
 
+from device_checks import implicit_device_trap, no_float64
+
 from efficientml import MLP
-from efficientml.quantization import (CodebookArray, QuantizedArray, dequantize, dequantized_model, dynamic_int8,
-                                      kmeans_quantize, load_quantized, pack_codes, quantize, quantize_state_dict,
-                                      save_quantized, serialized_size, sqnr_db, unpack_codes)
+from efficientml.compression import save_compressed
+from efficientml.quantization import (CodebookArray, QuantizedArray, array_entry, array_from_entry, cpu_state_dict,
+                                      dequantize, dequantized_model, dynamic_int8, kmeans_quantize, load_quantized,
+                                      pack_codes, quantize, quantize_state_dict, save_quantized, serialized_size,
+                                      sqnr_db, unpack_codes)
 
 
 def _step(q: QuantizedArray, ndim: int) -> np.ndarray:
@@ -454,18 +460,41 @@ def test_packed_files_shrink_with_the_bits(method):
     assert ratio[8] < 4 and ratio[4] < 8 and ratio[2] < 16  # at most the ratio of the bits
 
 
-def test_files_in_the_unpacked_format_still_load():
+def test_files_of_another_kind_are_rejected():
     torch.manual_seed(0)
     model = MLP(784, (256, 128), 10)
     qsd = quantize_state_dict(model, 4, per_channel=True)
-    buf = io.BytesIO()  # what save_quantized wrote before codes were packed: one uint8 per code
+    buf = io.BytesIO()  # the unpacked layout of before the packed format: one uint8 per code, no "format"
     torch.save({"bits": 4, "per_channel": True,
                 "tensors": {n: {"codes": q.codes, "scale": q.scale, "zero_point": q.zero_point, "axis": q.axis}
                             for n, q in qsd.items()}}, buf)
     buf.seek(0)
-    loaded = load_quantized(MLP(784, (256, 128), 10), buf).state_dict()
-    ref = dequantized_model(model, 4, per_channel=True).state_dict()
-    assert all(torch.equal(loaded[n], ref[n]) for n in ref)
+    with pytest.raises(ValueError, match="save_quantized"):
+        load_quantized(MLP(784, (256, 128), 10), buf)
+    buf = io.BytesIO()
+    save_compressed(model, buf, bits=4)
+    buf.seek(0)
+    with pytest.raises(ValueError, match="save_quantized"):
+        load_quantized(MLP(784, (256, 128), 10), buf)
+    with pytest.raises(ValueError, match="does not have"):
+        load_quantized(MLP(784, (128,), 10), _saved(model, bits=4))
+    with pytest.raises(ValueError, match="entry"):
+        array_from_entry({"codes": torch.zeros(3, dtype=torch.uint8)}, 8)
+    with pytest.raises(TypeError):
+        array_entry(torch.zeros(3))
+
+
+@pytest.mark.parametrize("q", [quantize(torch.linspace(-1, 2, 35).reshape(5, 7), 3, axis=0),
+                               quantize(np.linspace(-1, 2, 12, dtype=np.float32), 5, symmetric=True),
+                               kmeans_quantize(torch.linspace(-1, 2, 35), 2)], ids=["per-channel", "numpy", "kmeans"])
+def test_array_entry_round_trip(q):
+    entry = array_entry(q)
+    assert entry["shape"] == tuple(q.codes.shape)
+    assert entry["packed"].dtype == torch.uint8
+    assert entry["packed"].numel() == -(-math.prod(entry["shape"]) * q.bits // 8)
+    back = array_from_entry(entry, q.bits)
+    assert type(back) is type(q)
+    assert np.array_equal(np.asarray(dequantize(back)), np.asarray(dequantize(q)))
 
 
 def test_methods_reject_bad_combinations():
@@ -483,3 +512,128 @@ def test_methods_reject_bad_combinations():
         save_quantized(model, io.BytesIO(), 9, method="kmeans")
     with pytest.raises(TypeError):
         dequantize(np.zeros(3, np.uint8))
+
+
+# -- devices: what runs on the data's device, what runs on the CPU, and files that load anywhere -----
+
+def test_kmeans_works_on_the_inputs_device():
+    x = torch.randn(500)
+    ref = kmeans_quantize(x, 3)
+    with implicit_device_trap():  # a tensor made without a device would not be on x's
+        q = kmeans_quantize(x, 3)
+    assert q.codes.device == x.device and q.codebook.device == x.device and q.codebook.dtype == torch.float32
+    assert torch.equal(q.codes, ref.codes) and torch.equal(q.codebook, ref.codebook)
+
+
+def test_uniform_quantization_makes_no_float64_and_no_stray_device():
+    w = torch.randn(6, 10)
+    with implicit_device_trap(), no_float64():  # the path QAT runs on the training device (MPS too)
+        for axis, symmetric in [(None, False), (0, False), (0, True)]:
+            q = quantize(w, 4, axis=axis, symmetric=symmetric)
+            w_hat = dequantize(q)
+            assert w_hat.dtype == torch.float32 and (w_hat - w).abs().max() <= q.scale.max() / 2 * (1 + 1e-5)
+
+
+def test_dequantize_puts_scales_and_codebooks_on_the_codes_device():
+    # parameters read from a file are CPU tensors; the codes may be on the device (meta stands for it)
+    q = quantize(torch.randn(4, 5), 4, axis=0)
+    out = dequantize(QuantizedArray(q.codes.to("meta"), q.scale, q.zero_point, 4, 0))
+    assert out.device.type == "meta" and out.shape == (4, 5)
+    c = kmeans_quantize(torch.randn(20), 2)
+    out = dequantize(CodebookArray(c.codes.to("meta"), c.codebook, 2))
+    assert out.device.type == "meta" and out.dtype == torch.float32
+
+
+def _as_if_written_on_cuda(monkeypatch, save) -> io.BytesIO:
+    """What ``save(f)`` writes, with every storage tagged as a CUDA one, as on a GPU: loading it
+    without ``map_location`` on a machine without CUDA raises."""
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    buf = io.BytesIO()
+    save(buf)
+    monkeypatch.undo()
+    buf.seek(0)
+    return buf
+
+
+def test_a_file_written_on_a_gpu_loads_on_the_cpu(monkeypatch):
+    torch.manual_seed(0)
+    model = MLP(20, (8,), 3)
+    buf = _as_if_written_on_cuda(monkeypatch, lambda f: save_quantized(model, f, bits=4, per_channel=True))
+    loaded = load_quantized(MLP(20, (8,), 3), buf).state_dict()
+    ref = dequantized_model(model, 4, per_channel=True).state_dict()
+    assert all(torch.equal(loaded[n], ref[n]) for n in ref)
+
+
+@pytest.mark.parametrize("method", ["linear", "kmeans"])
+def test_save_quantized_writes_cpu_tensors_and_loading_keeps_the_models_device(method):
+    buf = _saved(MLP(20, (8,), 3), bits=4, method=method)
+    saved = torch.load(buf, weights_only=True)
+    tensors = [v for entry in saved["tensors"].values() for v in entry.values() if isinstance(v, torch.Tensor)]
+    assert tensors and all(t.device.type == "cpu" for t in tensors)
+    buf.seek(0)
+    target = MLP(20, (8,), 3).to("meta")  # stands for a model on a GPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # copying CPU values into meta parameters warns
+        load_quantized(target, buf)
+    assert all(p.device.type == "meta" and p.dtype == torch.float32 for p in target.parameters())
+
+
+def test_cpu_state_dict_and_serialized_size():
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    state = cpu_state_dict(model)
+    assert list(state) == list(model.state_dict()) and state._metadata == model.state_dict()._metadata
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert serialized_size(model) == serialized_size(model.state_dict()) == buf.getbuffer().nbytes
+
+
+def test_dynamic_int8_leaves_the_callers_model_as_it_was():
+    torch.manual_seed(0)
+    model = MLP(20, (8,), 3).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qm = dynamic_int8(model)
+    assert model.training and not qm.training
+    assert all(torch.equal(v, model.state_dict()[k]) and v.device == model.state_dict()[k].device
+               for k, v in state.items())
+    assert not list(qm.parameters())  # packed CPU weights: a CPU model
+    with pytest.raises(TypeError):
+        dynamic_int8({"weight": torch.ones(2, 2)})
+
+
+def test_grid_histogram_and_sqnr_table_on_the_weights_device():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from efficientml.experiments.quantization import plot_grid_histogram, sqnr_table
+    w = torch.randn(8, 30, requires_grad=True)
+    with implicit_device_trap():
+        ax = plot_grid_histogram(w, 2, channel=3)
+        table = sqnr_table({"w": w.detach()}, [8, 4])
+    assert len(ax.get_lines()) == 2 ** 2 + 2 ** 2 and table["w"][8] > table["w"][4]
+    plt.close(ax.figure)
+
+
+def test_quantization_over_seeds_runs_seed_after_seed(monkeypatch):
+    from efficientml.experiments import quantization as experiment
+    calls = []
+
+    def train_mlp(s, out_dir, device, progress, tag):
+        calls.append(("train", s["seed"], tag))
+        return f"model{s['seed']}", f"hist{s['seed']}", f"loader{s['seed']}"
+
+    def sweep(model, test_loader, bits):
+        calls.append(("sweep", model, test_loader, bits))
+        return {"model": model}
+
+    monkeypatch.setattr(experiment, "train_mlp", train_mlp)
+    monkeypatch.setattr(experiment, "quantization_sweep", sweep)
+    s = {"seeds": [2, 0], "bits": [8, 4]}
+    models, hists, sweeps, loader = experiment.quantization_over_seeds(s)
+    assert calls == [("train", 2, "quantization-mlp-seed2"), ("sweep", "model2", "loader2", [8, 4]),
+                     ("train", 0, "quantization-mlp-seed0"), ("sweep", "model0", "loader0", [8, 4])]
+    assert models == ["model2", "model0"] and hists == ["hist2", "hist0"] and loader == "loader0"
+    assert sweeps == [{"model": "model2"}, {"model": "model0"}]
+    with pytest.raises(ValueError, match="seeds"):
+        experiment.quantization_over_seeds({"seeds": [], "bits": [8]})

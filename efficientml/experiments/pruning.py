@@ -20,7 +20,7 @@ from ..pruning import (KINDS, PruningSchedule, SparseConvNet, choose_sparsities,
                        pruner, recalibrate_batchnorm, sensitivity_scan, two_four_pruning)
 from ..seeds import SEEDS, Spread, spread
 from ..train import History, evaluate, fit, select_device
-from .core import register, seed_for, train_loaders, validation_split
+from .core import per_seed, register, seed_for, train_loaders, validation_split
 from .learning_rates import CONVNET_FULL, CONVNET_QUICK, train_convnet
 
 PRUNING_NAMES = ("baseline", "structured", "unstructured")
@@ -42,23 +42,34 @@ def train_pruning_runs(s: dict, out_dir: Path | None = None, device=None, progre
     schedule, once for every seed of ``s["seeds"]`` (the seed picks the data subset, the initial
     weights and the batches; the three runs of a seed share them). The schedules also evaluate
     the test accuracy right after each pruning step. Returns {name: [PruningRun per seed]}."""
-    runs = {name: [] for name in PRUNING_NAMES}
-    for seed in s["seeds"]:
-        ss = s | {"seed": seed}
-        test_loader = train_loaders(ss, device)[1]
-        for name in PRUNING_NAMES:
-            schedule = None if name == "baseline" else PruningSchedule(
-                name, ss["prune_start"], ss["prune_every"], ss["prune_stop"], ss["prune_step"],
-                evaluate_on=test_loader)
-            granularity = "filter" if name == "structured" else "weight"
-            make_model = ConvNet if name == "baseline" else functools.partial(SparseConvNet,
-                                                                              granularity=granularity)
-            model, hist = train_convnet(ss, ss["lr"], ss["epochs"], "multistep", ss["milestones"],
-                                        ss["gamma"], out_dir=out_dir, tag=f"pruning-{name}-seed{seed}",
-                                        device=device, progress=progress, callback=schedule,
-                                        make_model=make_model)
-            runs[name].append(PruningRun(model, hist, schedule))
+    per_run = per_seed(s, lambda ss: _pruning_runs_of_seed(ss, out_dir, device, progress))
+    return {name: [runs[name] for runs in per_run] for name in PRUNING_NAMES}
+
+
+def _pruning_runs_of_seed(s: dict, out_dir: Path | None, device, progress) -> dict[str, PruningRun]:
+    """``train_pruning_runs``'s three runs for the settings ``s`` of one seed: {name: PruningRun}."""
+    test_loader = train_loaders(s, device)[1]
+    runs = {}
+    for name in PRUNING_NAMES:
+        schedule = None if name == "baseline" else PruningSchedule(
+            name, s["prune_start"], s["prune_every"], s["prune_stop"], s["prune_step"], evaluate_on=test_loader)
+        granularity = "filter" if name == "structured" else "weight"
+        make_model = ConvNet if name == "baseline" else functools.partial(SparseConvNet, granularity=granularity)
+        model, hist = train_convnet(s, s["lr"], s["epochs"], "multistep", s["milestones"], s["gamma"],
+                                    out_dir=out_dir, tag=f"pruning-{name}-seed{s['seed']}", device=device,
+                                    progress=progress, callback=schedule, make_model=make_model)
+        runs[name] = PruningRun(model, hist, schedule)
     return runs
+
+
+def _per_baseline(baselines: list, s: dict, run) -> list:
+    """``run(baselines[i], s | {"seed": s["seeds"][i]})`` for each of ``baselines`` (one per seed, in
+    the order of ``s["seeds"]``; there may be fewer baselines than seeds, not more), seed after
+    seed (``core.per_seed``). A baseline may be a tuple of what a seed's run needs."""
+    if not baselines or len(baselines) > len(s["seeds"]):
+        raise ValueError(f"need one baseline per seed, at least one; got {len(baselines)} for seeds {s['seeds']}")
+    left = iter(baselines)
+    return per_seed(s | {"seeds": s["seeds"][:len(baselines)]}, lambda ss: run(next(left), ss))
 
 
 # Quick: 3 seeds in the chapter's budget, so 150 training images per class (20 epochs, the
@@ -251,9 +262,7 @@ def sparsity_sweep(baseline: ConvNet, s: dict, sparsities=(0.3, 0.5, 0.7, 0.9),
 def sparsity_sweeps(baselines: list[ConvNet], s: dict, **kwargs) -> list[dict]:
     """``sparsity_sweep`` of each seed's baseline (``baselines[i]`` trained with seed
     ``s["seeds"][i]``, e.g. ``[r.model for r in runs["baseline"]]``); keyword arguments as there."""
-    if len(baselines) > len(s["seeds"]):
-        raise ValueError(f"{len(baselines)} baselines but only seeds {s['seeds']}")
-    return [sparsity_sweep(m, s | {"seed": seed}, **kwargs) for m, seed in zip(baselines, s["seeds"])]
+    return _per_baseline(baselines, s, lambda model, ss: sparsity_sweep(model, ss, **kwargs))
 
 
 def sweep_spreads(sweeps: list[dict]) -> dict:
@@ -314,16 +323,12 @@ def sensitivity_scans(baselines: list[ConvNet], s: dict, sparsities=(0.3, 0.5, 0
     (``validation_split``: training images it never trained on; the test set stays for the final
     comparison), BatchNorm statistics re-estimated after each pruning on ``calibration`` batches
     of its training loader (None: not re-estimated): [{layer: {sparsity: validation acc}}]."""
-    if len(baselines) > len(s["seeds"]):
-        raise ValueError(f"{len(baselines)} baselines but only seeds {s['seeds']}")
-    scans = []
-    for model, seed in zip(baselines, s["seeds"]):
-        ss = s | {"seed": seed}
+    def scan(model, ss):
         train_loader = train_loaders(ss, device)[0]
         val_loader = TensorLoader(validation_split(ss), 1000, device=select_device(device))
         calib = None if calibration is None else calibration_batches(train_loader, calibration)
-        scans.append(sensitivity_scan(model, val_loader, sparsities, kind, calib, device))
-    return scans
+        return sensitivity_scan(model, val_loader, sparsities, kind, calib, device)
+    return _per_baseline(baselines, s, scan)
 
 
 def mean_scan(scans: list[dict]) -> dict:
@@ -364,9 +369,10 @@ def sensitivity_vs_uniform(baselines: list[ConvNet], s: dict, scans: list[dict],
     if not len(baselines) == len(scans) <= len(s["seeds"]):
         raise ValueError(f"need one scan per baseline and a seed for each; got {len(baselines)} baselines, "
                          f"{len(scans)} scans, seeds {s['seeds']}")
-    prune, out = pruner(kind), []
-    for model, scan, seed in zip(baselines, scans, s["seeds"]):
-        ss = s | {"seed": seed}
+    prune = pruner(kind)
+
+    def compare(model_and_scan, ss):
+        model, scan = model_and_scan
         train_loader, test_loader, _ = train_loaders(ss, device)
         calib = calibration_batches(train_loader, calibration)
         chosen = choose_sparsities(scan, max_drop)
@@ -379,8 +385,8 @@ def sensitivity_vs_uniform(baselines: list[ConvNet], s: dict, scans: list[dict],
             if epochs:
                 finetune(net, ss, train_loader, epochs, lr, device, progress)
             r[name] = evaluate(recalibrate_batchnorm(net, calib), test_loader)[1]
-        out.append(r)
-    return out
+        return r
+    return _per_baseline(list(zip(baselines, scans)), s, compare)
 
 
 # -- 2:4 sparsity, and Deep Compression: pruning + quantization + sparse storage -----------------
@@ -391,17 +397,16 @@ def two_four_over_seeds(baselines: list[ConvNet], s: dict, calibration: int = CA
     a multiple of 4; the first convolution, 1 x 3 x 3, stays dense), evaluated as it is and after
     ``recalibrate_batchnorm``. Per seed {"dense", "2:4", "2:4 + BN recalibration": test accuracy,
     "sparsity": fraction of all conv weights pruned, "groups ok": every group of 4 keeps exactly 2}."""
-    out = []
-    for model, seed in zip(baselines, s["seeds"]):
-        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+    def two_four(model, ss):
+        train_loader, test_loader, _ = train_loaders(ss, device)
         net = SparseConvNet.from_convnet(model, "weight")
         pruned = two_four_pruning(net, skip_indivisible=True)
         groups_ok = all(net.get_submodule(name).mask.reshape(-1, 4).sum(1).eq(2).all() for name in pruned)
         r = {"dense": evaluate(model, test_loader)[1], "2:4": evaluate(net, test_loader)[1]}
         recalibrate_batchnorm(net, calibration_batches(train_loader, calibration))
-        out.append(r | {"2:4 + BN recalibration": evaluate(net, test_loader)[1],
-                        "sparsity": overall_sparsity(net), "groups ok": bool(groups_ok)})
-    return out
+        return r | {"2:4 + BN recalibration": evaluate(net, test_loader)[1],
+                    "sparsity": overall_sparsity(net), "groups ok": bool(groups_ok)}
+    return _per_baseline(baselines, s, two_four)
 
 
 # Deep Compression's stages: (label, which network, save_compressed arguments or None for fp32 torch.save)
@@ -422,19 +427,20 @@ def deep_compression(dense: ConvNet, pruned: SparseConvNet, test_loader, stages=
     the nonzeros where it pays, quantized values packed), read back, and evaluated.
     Returns {stage label: {"bytes": file size, "test_acc": accuracy of the network read back}}."""
     from ..compression import load_compressed, save_compressed
+    from ..quantization import cpu_state_dict
     nets = {"dense": copy.deepcopy(dense).eval(), "pruned": fold_masks(pruned).eval()}
     out = {}
     for label, which, kw in stages:
         buf = io.BytesIO()
         if kw is None:
-            torch.save(nets[which].state_dict(), buf)
+            torch.save(cpu_state_dict(nets[which]), buf)
         else:
             save_compressed(nets[which], buf, **kw)
         size = buf.getbuffer().nbytes
         buf.seek(0)
         back = copy.deepcopy(nets[which])
         if kw is None:
-            back.load_state_dict(torch.load(buf, weights_only=True))
+            back.load_state_dict(torch.load(buf, map_location="cpu", weights_only=True))
         else:
             load_compressed(back, buf)
         out[label] = {"bytes": size, "test_acc": evaluate(back, test_loader)[1]}
@@ -443,11 +449,10 @@ def deep_compression(dense: ConvNet, pruned: SparseConvNet, test_loader, stages=
 
 def deep_compression_over_seeds(runs: dict, s: dict, device=None) -> list[dict]:
     """``deep_compression`` of each seed's baseline and unstructured network of ``train_pruning_runs``."""
-    out = []
-    for base, pruned, seed in zip(runs["baseline"], runs["unstructured"], s["seeds"]):
-        test_loader = train_loaders(s | {"seed": seed}, device)[1]
-        out.append(deep_compression(base.model, pruned.model, test_loader))
-    return out
+    def compress(base_and_pruned, ss):
+        base, pruned = base_and_pruned
+        return deep_compression(base.model, pruned.model, train_loaders(ss, device)[1])
+    return _per_baseline(list(zip(runs["baseline"], runs["unstructured"])), s, compress)
 
 
 def compression_table(results: list[dict]) -> str:

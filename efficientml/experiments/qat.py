@@ -14,7 +14,7 @@ from torch import nn
 from ..qat import IntegerMLP, calibrate, convert_qat, fake_quant_forward, prepare_qat
 from ..quantization import dequantized_model
 from ..train import History, evaluate, fit
-from .core import seed_for, train_loaders
+from .core import per_seed, seed_for, train_loaders
 
 QAT_EPOCHS = 1
 QAT_LR = 0.01      # a fifth of the fp32 training rate: fine-tune near the trained weights
@@ -43,25 +43,31 @@ def qat_over_seeds(models: list[nn.Module], s: dict, bits_list: list[int], epoch
     Every fine-tuning run is seeded with its seed, so all see the same batches."""
     if len(models) != len(s["seeds"]):
         raise ValueError(f"{len(models)} models for {len(s['seeds'])} seeds")
-    out = []
-    for model, seed in zip(models, s["seeds"]):
-        train_loader, test_loader, _ = train_loaders(s | {"seed": seed}, device)
+    models_left = iter(models)  # per_seed runs the seeds in order: one model each
+    return per_seed(s, lambda ss: _qat_seed(next(models_left), ss, bits_list, epochs, lr, per_channel, device,
+                                            progress))
+
+
+def _qat_seed(model: nn.Module, s: dict, bits_list: list[int], epochs: int, lr: float, per_channel: bool,
+              device, progress) -> dict:
+    """``qat_over_seeds``'s row for one seed's ``model`` and settings ``s`` (with its ``seed``)."""
+    seed = s["seed"]
+    train_loader, test_loader, _ = train_loaders(s, device)
+    seed_for(seed, device)
+    control = copy.deepcopy(model)
+    fit(control, train_loader, None, epochs=epochs, lr=lr, device=device, progress=progress,
+        desc=f"fp32-finetune-seed{seed}")
+    control_acc = evaluate(control, test_loader)[1]
+    row = {}
+    for bits in bits_list:
         seed_for(seed, device)
-        control = copy.deepcopy(model)
-        fit(control, train_loader, None, epochs=epochs, lr=lr, device=device, progress=progress,
-            desc=f"fp32-finetune-seed{seed}")
-        control_acc = evaluate(control, test_loader)[1]
-        row = {}
-        for bits in bits_list:
-            seed_for(seed, device)
-            qmodel, _ = qat_finetune(model, train_loader, None, bits, epochs, lr, per_channel, device,
-                                     progress, desc=f"qat-{bits}bit-seed{seed}")
-            row[str(bits)] = {"ptq": evaluate(dequantized_model(model, bits, per_channel), test_loader)[1],
-                              "qat": evaluate(qmodel, test_loader)[1], "fp32_finetuned": control_acc,
-                              "ptq_finetuned": evaluate(dequantized_model(control, bits, per_channel),
-                                                        test_loader)[1]}
-        out.append(row)
-    return out
+        qmodel, _ = qat_finetune(model, train_loader, None, bits, epochs, lr, per_channel, device,
+                                 progress, desc=f"qat-{bits}bit-seed{seed}")
+        row[str(bits)] = {"ptq": evaluate(dequantized_model(model, bits, per_channel), test_loader)[1],
+                          "qat": evaluate(qmodel, test_loader)[1], "fp32_finetuned": control_acc,
+                          "ptq_finetuned": evaluate(dequantized_model(control, bits, per_channel),
+                                                    test_loader)[1]}
+    return row
 
 
 @torch.no_grad()

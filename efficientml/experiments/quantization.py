@@ -7,10 +7,10 @@ import torch
 
 from ..models import MLP, count_parameters
 from ..plots import markdown_table
-from ..quantization import dequantized_model
+from ..quantization import cpu_state_dict, dequantized_model
 from ..seeds import SEEDS, Spread, spread
 from ..train import evaluate, fit
-from .core import _checkpoint, register, seed_for, train_loaders
+from .core import _checkpoint, per_seed, register, seed_for, train_loaders
 
 
 MLP_QUICK = dict(dataset="fashion-mnist", n_per_class=None, test_per_class=None, hidden=[256, 128],
@@ -33,7 +33,7 @@ def train_mlp(s: dict, out_dir: Path | None = None, device=None, progress=None, 
 def run_mlp(s: dict, out_dir: Path | None, device, progress) -> dict:
     model, hist, _ = train_mlp(s, out_dir, device, progress)
     if out_dir is not None:
-        torch.save(model.state_dict(), out_dir / f"mlp-{s['profile']}.weights.pt")
+        torch.save(cpu_state_dict(model), out_dir / f"mlp-{s['profile']}.weights.pt")
     return {"parameters": count_parameters(model), "final_test_acc": hist.test_acc[-1] if hist.epochs else None,
             "history": hist}
 
@@ -61,16 +61,16 @@ def quantization_sweep(model, test_loader, bits: list[int]) -> dict:
 
 
 def quantization_over_seeds(s: dict, out_dir: Path | None = None, device=None, progress=None):
-    """Train the MLP once per seed in ``s["seeds"]`` and sweep each (``quantization_sweep``).
-    Returns (models, Histories, sweeps), one of each per seed, and the test loader."""
-    models, hists, sweeps = [], [], []
-    for seed in s["seeds"]:
-        model, hist, test_loader = train_mlp(s | {"seed": seed}, out_dir, device, progress,
-                                             tag=f"quantization-mlp-seed{seed}")
-        models.append(model)
-        hists.append(hist)
-        sweeps.append(quantization_sweep(model, test_loader, s["bits"]))
-    return models, hists, sweeps, test_loader
+    """Train the MLP once per seed in ``s["seeds"]`` and sweep each (``quantization_sweep``), seed
+    after seed. Returns (models, Histories, sweeps), one of each per seed, and the last seed's test
+    loader."""
+    def train_and_sweep(ss: dict):
+        model, hist, test_loader = train_mlp(ss, out_dir, device, progress,
+                                             tag=f"quantization-mlp-seed{ss['seed']}")
+        return model, hist, quantization_sweep(model, test_loader, ss["bits"]), test_loader
+
+    models, hists, sweeps, test_loaders = zip(*per_seed(s, train_and_sweep))
+    return list(models), list(hists), list(sweeps), test_loaders[-1]
 
 
 def sweep_spread(sweeps: list[dict], key: str = "test_acc") -> dict:
@@ -172,14 +172,15 @@ def plot_grid_histogram(weight: torch.Tensor, bits: int, ax=None, channel: int |
 
     from ..quantization import dequantize, quantize
     ax = ax or plt.subplots(figsize=(6.5, 3.2))[1]
-    w = weight.detach().float()
+    w = weight.detach().cpu().float()
     values = w if channel is None else w[channel]
     ax.hist(values.flatten().numpy(), bins=120, color="C0", alpha=0.6)
     grids = [("per-tensor grid", quantize(w, bits), "gray")]
     if channel is not None:
         grids.append((f"row {channel}'s per-channel grid", quantize(w[channel:channel + 1], bits), "C3"))
     for label, q, color in grids:
-        codes = torch.arange(2 ** bits, dtype=torch.uint8).reshape(-1, *([1] * (q.codes.ndim - 1)))
+        codes = torch.arange(2 ** bits, dtype=torch.uint8, device=q.codes.device)
+        codes = codes.reshape(-1, *([1] * (q.codes.ndim - 1)))
         levels = dequantize(type(q)(codes, q.scale, q.zero_point, bits)).flatten().unique()
         for i, level in enumerate(levels):
             ax.axvline(float(level), color=color, lw=1, ls="-" if color != "gray" else "--",
