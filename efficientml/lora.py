@@ -312,28 +312,47 @@ def _quiet_stderr():
 def peak_memory_bytes(fn, *args, device=None) -> int:
     """Peak bytes allocated while ``fn(*args)`` runs, above what was allocated when it started.
 
-    On a CUDA ``device``: ``torch.cuda.max_memory_allocated`` (reset before the call). On the
-    CPU, which keeps no such statistic: every allocation and free the PyTorch profiler records
-    (``profile_memory=True``), summed in time order, and the running sum's maximum. Both count
-    tensors only (what PyTorch's allocator hands out: activations, gradients, optimizer state,
-    temporaries, library workspaces), not the process's other memory. Workspaces depend on the
-    kernels a CPU uses, so the figure varies a little between machines.
+    ``device``: where ``fn`` allocates; None means the CPU. On a CUDA device:
+    ``torch.cuda.max_memory_allocated`` (reset before the call). On the CPU, which keeps no such
+    statistic: every CPU allocation and free the PyTorch profiler records (``profile_memory=True``),
+    summed in time order, and the running sum's maximum; if ``fn`` allocates on another device
+    there, ``ValueError`` (pass that device). Both count tensors only (what PyTorch's allocator
+    hands out: activations, gradients, optimizer state, temporaries, library workspaces), not the
+    process's other memory. Workspaces depend on the kernels a CPU uses, so the figure varies a
+    little between machines. Apple's MPS (and any other device) keeps no peak statistic that
+    PyTorch exposes, so there it is not measured: ``ValueError``; measure on the CPU, as
+    ``experiments.transfer.measure_cost`` does, or on CUDA.
     """
-    device = torch.device(device) if device is not None else None
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn(*args)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - start
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return _peak_cuda_bytes(fn, args, device)
+    if device.type != "cpu":
+        raise ValueError(f"peak memory is not measured on {device.type}: PyTorch keeps no peak "
+                         "statistic there; measure on the CPU or on a CUDA device")
+    return _peak_cpu_bytes(fn, args)
+
+
+def _peak_cuda_bytes(fn, args, device: torch.device) -> int:
+    """``peak_memory_bytes`` on a CUDA device, from the caching allocator's statistics."""
+    torch.cuda.synchronize(device)
+    start = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn(*args)
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - start
+
+
+def _peak_cpu_bytes(fn, args) -> int:
+    """``peak_memory_bytes`` on the CPU, from the profiler's memory events (bytes, time order)."""
     from torch.profiler import ProfilerActivity, profile
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(*args)
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    other = {str(e.device_type()) for e in events if e.device_type() != torch.autograd.DeviceType.CPU}
+    if other:
+        raise ValueError(f"fn allocated on {', '.join(sorted(other))}, not the CPU: pass device=")
     level = peak = 0
-    for _, nbytes in events:
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events):
         level += nbytes
         peak = max(peak, level)
     return peak

@@ -4,7 +4,8 @@ A unigram model predicts every token from the tokens' frequencies alone; a bigra
 previous token only. Fitted to a text and measured on the same text, their loss per token is an
 entropy (``unigram_entropy`` H(X), ``bigram_entropy`` H(X_t+1 | X_t)); measured on another text,
 a cross-entropy, with add-alpha smoothing so that an unseen token or pair costs a finite amount.
-All in nats per token; tokens are 1-D integer tensors of ids 0..V-1.
+All in nats per token; tokens are 1-D integer tensors of ids 0..V-1, on any device: the counts
+are made on the CPU in float64 (exact to many digits; Apple's MPS has no float64).
 """
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ import torch
 
 
 def _check_tokens(tokens: torch.Tensor, vocab_size: int | None, name: str, min_len: int) -> torch.Tensor:
-    """``tokens`` as int64 after checking: 1-D integer ids, at least ``min_len`` of them, all in
-    0..vocab_size-1 (only >= 0 where ``vocab_size`` is None)."""
+    """``tokens`` as int64 on the CPU after checking: 1-D integer ids, at least ``min_len`` of
+    them, all in 0..vocab_size-1 (only >= 0 where ``vocab_size`` is None)."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype.is_floating_point:
         raise TypeError(f"{name} must be a 1-D integer tensor of token ids")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)
+                                   or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
     if len(tokens) < min_len:
         raise ValueError(f"{name} needs at least {min_len} tokens, got {len(tokens)}")
     top = vocab_size if vocab_size is not None else math.inf
     if len(tokens) and not (0 <= int(tokens.min()) and int(tokens.max()) < top):
         raise ValueError(f"{name} holds ids outside 0..{top - 1}")
-    return tokens.long()
+    return tokens.detach().to("cpu", torch.int64)
 
 
 def unigram_cross_entropy(fit_tokens: torch.Tensor, eval_tokens: torch.Tensor, vocab_size: int,

@@ -14,6 +14,10 @@ True where attention is allowed, broadcastable to (B, h, T_query, T_key).
 separate matrix multiplications, as the matmul count of Chapter 5 assumes (5h + 1 per attention
 layer); the default computes all heads at once (3 projections, 2 batched products, 1 output
 projection), with the same weights and the same result.
+
+Devices: tokens go on the model's device (``generate`` and ``greedy_decode`` check it); the
+sinusoidal tables are computed in float64 on the CPU and used as float32 (MPS has no float64);
+sampling with a CPU generator draws on the CPU (``sample_tokens``).
 """
 from __future__ import annotations
 
@@ -46,13 +50,17 @@ class WordEmbedding(nn.Module):
 
 def sinusoidal_encoding(max_len: int, d_model: int) -> torch.Tensor:
     """PE (max_len, d_model): PE[pos, 2i] = sin(pos * omega_i), PE[pos, 2i+1] = cos(pos * omega_i),
-    with frequencies omega_i = 10000^(-2i/d_model), i = 0..d_model/2 - 1."""
+    with frequencies omega_i = 10000^(-2i/d_model), i = 0..d_model/2 - 1.
+
+    Computed in float64 on the CPU (exact to float32's last digit on every machine; Apple's MPS
+    has no float64) and returned as a float32 CPU tensor, for the caller to move."""
     if d_model % 2:
         raise ValueError(f"d_model must be even for sine/cosine pairs, got {d_model}")
-    pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)              # (max_len, 1)
-    i2 = torch.arange(0, d_model, 2, dtype=torch.float64)                      # 2i
+    f64 = dict(dtype=torch.float64, device="cpu")
+    pos = torch.arange(max_len, **f64).unsqueeze(1)                            # (max_len, 1)
+    i2 = torch.arange(0, d_model, 2, **f64)                                    # 2i
     omega = torch.exp(-math.log(10000.0) * i2 / d_model)                       # (d_model / 2,)
-    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+    pe = torch.zeros(max_len, d_model, **f64)
     pe[:, 0::2] = torch.sin(pos * omega)
     pe[:, 1::2] = torch.cos(pos * omega)
     return pe.float()
@@ -63,13 +71,14 @@ def positional_shift_matrix(k: int, d_model: int) -> torch.Tensor:
 
     Block-diagonal: the (sin, cos) pair of frequency omega_i, dimensions (2i, 2i+1), is rotated by
     the angle omega_i * k with [[cos, sin], [-sin, cos]]. The matrix depends on the offset k only,
-    not on p: a shift of position is a linear map of the encoding.
+    not on p: a shift of position is a linear map of the encoding. Computed in float64 on the
+    CPU, returned as float32 on the CPU, like ``sinusoidal_encoding``.
     """
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"the offset k must be an int, got {type(k).__name__}")
     if d_model % 2:
         raise ValueError(f"d_model must be even for sine/cosine pairs, got {d_model}")
-    i2 = torch.arange(0, d_model, 2, dtype=torch.float64)
+    i2 = torch.arange(0, d_model, 2, dtype=torch.float64, device="cpu")
     angle = k * torch.exp(-math.log(10000.0) * i2 / d_model)                  # omega_i * k
     cos, sin = angle.cos(), angle.sin()
     blocks = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)  # (d/2, 2, 2)
@@ -77,11 +86,15 @@ def positional_shift_matrix(k: int, d_model: int) -> torch.Tensor:
 
 
 class PositionalEncoding(nn.Module):
-    """Adds the sinusoidal encoding of positions start..start+T-1 to (B, T, d_model), then dropout."""
+    """Adds the sinusoidal encoding of positions start..start+T-1 to (B, T, d_model), then dropout.
+
+    The table ``pe`` (max_len, d_model) is a float32 buffer made where the parameters of a module
+    built alongside would be (the default device) and moved with the module by ``.to``."""
 
     def __init__(self, d_model: int, max_len: int = 1024, dropout: float = 0.0):
         super().__init__()
-        self.register_buffer("pe", sinusoidal_encoding(max_len, d_model), persistent=False)
+        pe = sinusoidal_encoding(max_len, d_model).to(torch.get_default_device())
+        self.register_buffer("pe", pe, persistent=False)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -249,6 +262,39 @@ class DecoderLayer(nn.Module):
         return self.res3(x, self.ff)
 
 
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (all on one)."""
+    return next(model.parameters()).device
+
+
+def _check_tokens(tokens, device: torch.device, name: str) -> None:
+    """Raise unless ``tokens`` is an integer (B, T) tensor with T >= 1 on ``device``."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name} must be an integer tensor of token ids, got "
+                        f"{getattr(tokens, 'dtype', type(tokens).__name__)}")
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (B, T) with T >= 1, got {tuple(tokens.shape)}")
+    if tokens.device != device:
+        raise ValueError(f"{name} is on {tokens.device} but the model is on {device}: "
+                         f"pass {name}.to({str(device)!r})")
+
+
+def sample_tokens(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token id per row, (B, 1) int64 on ``probs``' device, drawn from ``probs`` (B, V).
+
+    ``generator`` None: the device's global random generator. A generator on ``probs``' device
+    draws there. A CPU generator with ``probs`` on an accelerator draws on the CPU from
+    ``probs.cpu()`` and moves the ids: a seed then gives the same ids on every device for the
+    same probabilities (and CUDA's ``torch.multinomial`` does not accept a CPU generator). A
+    generator on another accelerator raises ``ValueError``."""
+    if generator is None or generator.device == probs.device:
+        return torch.multinomial(probs, 1, generator=generator)
+    if generator.device.type != "cpu":
+        raise ValueError(f"the generator is on {generator.device} but the probabilities on "
+                         f"{probs.device}: use a CPU generator or one on {probs.device}")
+    return torch.multinomial(probs.cpu(), 1, generator=generator).to(probs.device)
+
+
 class Transformer(nn.Module):
     """The encoder-decoder Transformer: N encoder and N decoder layers and a final linear layer.
 
@@ -301,7 +347,9 @@ class Transformer(nn.Module):
         """Generate up to ``max_len`` tokens after ``bos`` for each source (B, S), always taking the
         most likely token other than ``pad``; returns (B, 1 + generated) starting with ``bos``. After
         ``eos`` a sequence is padded. Without the cache the decoder re-reads the whole prefix at
-        every step; with it, only the newest token (the same tokens either way)."""
+        every step; with it, only the newest token (the same tokens either way). ``src`` must be on
+        the model's device."""
+        _check_tokens(src, _model_device(self), "src")
         was_training = self.training
         self.eval()
         memory = self.encode(src)
@@ -366,9 +414,17 @@ class LanguageModel(nn.Module):
         step computes only the newest token; the cache is rebuilt only when the context is cut
         (absolute positions cannot slide). Without it every step recomputes the whole context;
         both see the same context, so greedy decoding gives the same tokens.
+
+        ``prompt`` must be on the model's device; so is the result. ``generator`` (for sampling):
+        None, a generator on the model's device, or a CPU ``torch.Generator``, with which each
+        token is drawn on the CPU from the probabilities (see ``sample_tokens``), so that a
+        seed gives the same text on every device where the model gives the same probabilities.
         """
         if temperature < 0 or (top_k is not None and top_k < 1):
             raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, int) or n_tokens < 0:
+            raise ValueError(f"n_tokens must be an int >= 0, got {n_tokens!r}")
+        _check_tokens(prompt, _model_device(self), "prompt")
         was_training = self.training
         self.eval()
         out, caches = prompt, None
@@ -389,7 +445,7 @@ class LanguageModel(nn.Module):
                 if top_k is not None:
                     kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+                nxt = sample_tokens(logits.softmax(-1), generator)
             out = torch.cat([out, nxt], dim=1)
         self.train(was_training)
         return out

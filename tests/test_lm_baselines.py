@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from device_checks import package_device_trap
 from efficientml.experiments.language_model import baselines
 from efficientml.ngram import bigram_cross_entropy, bigram_entropy, unigram_cross_entropy, unigram_entropy
 
@@ -75,3 +76,14 @@ def test_unseen_tokens_cost_a_finite_amount_and_bad_input_is_rejected():
         bigram_entropy(torch.tensor([1]))
     with pytest.raises(TypeError, match="1-D integer"):
         bigram_entropy(torch.zeros(2, 3, dtype=torch.long))
+
+
+def test_ngram_counts_name_their_device_and_check_the_vocabulary_size():
+    fit, ev = torch.tensor([0, 1, 2, 1, 0, 2, 2]), torch.tensor([2, 1, 0, 0])
+    expected = baselines(fit, ev, 3)
+    with package_device_trap():
+        assert baselines(fit, ev, 3) == expected
+    with pytest.raises(ValueError, match="vocab_size"):
+        unigram_cross_entropy(fit, ev, 0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        bigram_entropy(fit, 2.5)

@@ -5,6 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
+from device_checks import implicit_device_trap, no_float64, package_device_trap
 from efficientml import experiments
 from efficientml.lora import (LoRAConv2d, LoRALinear, lora_targets, merge_lora, peak_memory_bytes, ParameterCount, add_lora, freeze, gradient_bytes, optimizer_state_bytes,
                               parameter_count, saved_activation_bytes, stages)
@@ -510,3 +511,69 @@ def test_gradient_bytes_from_the_grad_tensors():
     net[0].requires_grad_(False)
     net(torch.randn(5, 4)).sum().backward()
     assert gradient_bytes(net) == 4 * (3 * 2 + 2)
+
+
+# -- devices: what a CPU can show of mistakes that fail on a GPU (see tests/device_checks.py) -------
+
+def test_lora_layers_make_every_tensor_on_their_inputs_device():
+    torch.manual_seed(0)
+    linear, conv = LoRALinear(nn.Linear(6, 4), r=2, alpha=4), LoRAConv2d(nn.Conv2d(3, 4, 3), r=2, alpha=4)
+    x, xc = torch.randn(5, 6), torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        linear.lora_B.normal_(), conv.lora_B.normal_()
+    y, yc = linear(x), conv(xc)
+    with implicit_device_trap(), no_float64():
+        torch.testing.assert_close(linear(x), y)
+        torch.testing.assert_close(conv(xc), yc)
+        linear.merge(), conv.merge()
+        torch.testing.assert_close(linear(x), y, rtol=0, atol=1e-5)
+        torch.testing.assert_close(conv(xc), yc, rtol=0, atol=1e-4)
+        linear.unmerge(), conv.unmerge()
+
+
+def test_freeze_and_add_lora_keep_the_models_device():
+    net, x = resnet18(3, in_channels=1).eval(), torch.randn(2, 1, 28, 28)
+    with implicit_device_trap(), no_float64():
+        freeze(net, up_to="layer3")
+        layer = add_lora(net, "layer4.0.conv1", r=2, alpha=4)
+        add_lora(net, "fc", r=2, alpha=4)
+        with torch.no_grad():
+            net(x)
+    assert layer.lora_A.device.type == "cpu" and net.fc.lora_B.device.type == "cpu"
+
+
+def test_stage_table_runs_the_model_on_its_own_device():
+    net = resnet18(3, in_channels=1)
+    rows, _ = experiments.transfer.stage_table(net, (1, 28, 28))
+    with implicit_device_trap():
+        assert experiments.transfer.stage_table(net, (1, 28, 28))[0] == rows
+
+
+def test_measure_cost_measures_a_cpu_copy_with_cpu_inputs():
+    s = dict(lr=0.1, momentum=0.9, weight_decay=0.0)
+    cost = experiments.transfer.measure_cost(tiny(), (5, 4), 2, s)
+    with package_device_trap():
+        again = experiments.transfer.measure_cost(tiny(), (5, 4), 2, s)
+    assert {k: v for k, v in again.items() if k != "peak_step_bytes"} == \
+        {k: v for k, v in cost.items() if k != "peak_step_bytes"}
+    assert cost["gradient_bytes"] == cost["optimizer_state_bytes"] == 4 * (4 * 3 + 3 + 3 * 2 + 2)
+
+
+def test_linear_probe_fits_on_the_cpu_in_float64():
+    from efficientml.experiments.transfer import probe_accuracy
+    g = torch.Generator(device="cpu").manual_seed(0)
+    centres = 4 * torch.randn(3, 8, generator=g)
+    ytr, yte = torch.arange(30) % 3, torch.arange(12) % 3
+    ftr = centres[ytr] + torch.randn(30, 8, generator=g)
+    fte = centres[yte] + torch.randn(12, 8, generator=g)
+    acc = probe_accuracy(ftr, ytr, fte, yte, 3, l2=1e-3, steps=20)
+    with implicit_device_trap():                     # the classifier too is made on the CPU
+        assert probe_accuracy(ftr, ytr, fte, yte, 3, l2=1e-3, steps=20) == acc == 1.0
+    assert probe_accuracy(ftr.float(), ytr, fte.double(), yte, 3, l2=1e-3, steps=20) == acc
+
+
+@pytest.mark.parametrize("device", ["mps", "meta", "xla"])
+def test_peak_memory_is_measured_on_the_cpu_and_cuda_only(device):
+    with pytest.raises(ValueError, match=f"not measured on {device}"):
+        peak_memory_bytes(lambda: torch.ones(10), device=device)
+    assert peak_memory_bytes(lambda: torch.ones(250, 1000), device="cpu") == 1_000_000

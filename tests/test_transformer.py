@@ -5,6 +5,7 @@ import torch
 
 from efficientml.data import CharTokenizer, SequenceTask, TokenBatches, split_tokens
 from efficientml.train import LN2, evaluate, fit
+from device_checks import implicit_device_trap, no_float64, package_device_trap
 from efficientml.transformer import (DecoderLayer, EncoderLayer, FeedForward, LanguageModel, MatmulCounter,
                                      MultiHeadAttention, PositionalEncoding, Transformer, WordEmbedding,
                                      attention, causal_mask, generation_attention_macs, matmuls_per_inference,
@@ -519,3 +520,112 @@ def test_finetuning_lowers_the_loss_on_the_new_text_and_lora_merges_exactly():
     assert merge_lora(model) == 8
     torch.testing.assert_close(model(x), before, rtol=0, atol=1e-5)
     assert torch.equal(model.generate(x[:, :1], 30, temperature=0), greedy)
+
+
+
+# -- devices: what a CPU can show of mistakes that fail on a GPU (see tests/device_checks.py) -------
+
+def test_encoding_tables_are_computed_on_the_cpu_and_the_buffer_follows_the_modules():
+    expected_pe, expected_m = sinusoidal_encoding(12, 8), positional_shift_matrix(3, 8)
+    with implicit_device_trap():                       # as under ``with torch.device("mps"):``
+        pe, m = sinusoidal_encoding(12, 8), positional_shift_matrix(3, 8)
+        pos = PositionalEncoding(8, 12)
+    assert pe.device.type == m.device.type == "cpu" and pe.dtype == m.dtype == torch.float32
+    assert torch.equal(pe, expected_pe) and torch.equal(m, expected_m)
+    assert pos.pe.device.type == "meta" and pos.pe.dtype == torch.float32  # where modules are built
+    pos, x = PositionalEncoding(8, 12), torch.zeros(1, 5, 8)
+    with no_float64():
+        torch.testing.assert_close(pos(x, start=2), expected_pe[2:7][None])
+
+
+def test_attention_and_the_transformer_make_every_tensor_on_the_inputs_device():
+    q, k, v = torch.randn(2, 5, 8), torch.randn(2, 6, 8), torch.randn(2, 6, 8)
+    mask = causal_mask(5)[:, :5]
+    mha, x, ctx = MultiHeadAttention(32, 4), torch.randn(2, 5, 32), torch.randn(2, 3, 32)
+    cached_mask = torch.ones(2, 5, dtype=torch.bool)
+    models = [small(), small(per_head=True)]
+    src, tgt = torch.randint(3, 13, (3, 6)), torch.randint(3, 11, (3, 4))
+    src[1, 4:] = 0
+    expected = [(m(src, tgt), m.greedy_decode(src, 3, bos=1, eos=2)) for m in models]
+    with implicit_device_trap(), no_float64():
+        attention(q, k[:, :5], v[:, :5], mask)
+        mha(x), mha(x, context=ctx)
+        cache = {}
+        mha(x[:, :3], cache=cache), mha(x[:, 3:], cache=cache, mask=cached_mask)
+        got = [(m(src, tgt), m.greedy_decode(src, 3, bos=1, eos=2), m.greedy_decode(src, 3, 1, 2, use_cache=False))
+               for m in models]
+    for (logits, tokens), (g_logits, g_tokens, g_no_cache) in zip(expected, got):
+        assert torch.equal(logits, g_logits) and torch.equal(tokens, g_tokens) and torch.equal(tokens, g_no_cache)
+
+
+def test_language_model_forward_and_generation_make_every_tensor_on_the_prompts_device():
+    lm = LanguageModel(30, 32, 4, 1, 64, max_len=6).eval()
+    prompt = torch.randint(0, 30, (2, 3))
+    expected = lm.generate(prompt, 8, temperature=0.8, top_k=5, generator=torch.Generator().manual_seed(4))
+    with implicit_device_trap(), no_float64():
+        lm(prompt)
+        greedy = [lm.generate(prompt, 8, temperature=0, use_cache=c) for c in (True, False)]  # past max_len
+        sampled = [lm.generate(prompt, 8, temperature=0.8, top_k=5, use_cache=c,
+                               generator=torch.Generator(device="cpu").manual_seed(4)) for c in (True, False)]
+        lm.generate(prompt, 2, temperature=1.0)                                # the global generator
+    assert torch.equal(greedy[0], greedy[1])
+    assert torch.equal(sampled[0], expected) and torch.equal(sampled[1], expected)
+
+
+def test_sampling_with_a_cpu_generator_draws_from_the_cpu_probabilities():
+    from efficientml.transformer import sample_tokens
+    lm = LanguageModel(30, 32, 4, 2, 64, max_len=16).eval()
+    prompt = torch.randint(0, 30, (3, 2))
+    out = lm.generate(prompt, 6, temperature=0.7, use_cache=False, generator=torch.Generator().manual_seed(9))
+    g, ref = torch.Generator().manual_seed(9), prompt
+    with torch.no_grad():
+        for _ in range(6):   # the documented draw: multinomial of the CPU probabilities, one per row
+            probs = (lm(ref)[:, -1] / 0.7).softmax(-1).cpu()
+            ref = torch.cat([ref, torch.multinomial(probs, 1, generator=g)], 1)
+    assert torch.equal(out, ref)
+    probs = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    assert sample_tokens(probs).tolist() == sample_tokens(probs, torch.Generator()).tolist() == [[1], [2]]
+
+
+def test_generation_checks_its_tokens():
+    lm, model = LanguageModel(30, 32, 4, 1, 64, max_len=8).eval(), small()
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(TypeError, match="integer"):
+        lm.generate(prompt.float(), 2)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        lm.generate(prompt[0], 2)
+    with pytest.raises(ValueError, match="n_tokens"):
+        lm.generate(prompt, -1)
+    assert torch.equal(lm.generate(prompt, 0), prompt)
+    lm.to("meta"), model.to("meta")                                   # as a model on a GPU
+    with pytest.raises(ValueError, match="prompt is on cpu but the model is on meta"):
+        lm.generate(prompt, 2)
+    with pytest.raises(ValueError, match="src is on cpu but the model is on meta"):
+        model.greedy_decode(prompt, 2, bos=1)
+
+
+def test_chapter_5_helpers_make_every_tensor_on_the_tasks_device():
+    from efficientml.experiments.transformer import (cross_attention, decoded_examples, generation_counts,
+                                                     greedy_answers, reversal_fraction, sequence_accuracy,
+                                                     token_metrics)
+    test = SequenceTask("reverse", n_symbols=5, length=6, batch_size=8, steps=1, seed=3, min_length=2)
+    model = Transformer(test.vocab_size, test.vocab_size, d_model=16, n_heads=2, n_layers=1, d_ff=32,
+                        dropout=0.0, max_len=10).eval()
+    (src, _), _ = next(iter(test))
+    expected = (token_metrics(model, test), sequence_accuracy(model, test), greedy_answers(model, test, src))
+    with implicit_device_trap(), no_float64():
+        got = (token_metrics(model, test), sequence_accuracy(model, test), greedy_answers(model, test, src))
+        decoded_examples(model, test, n=2)
+        weights = cross_attention(model, test, src)
+        reversal_fraction(weights, test.lengths(src))
+        generation_counts(model, src[:2], 3)
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_cost_rows_and_head_timings_make_their_inputs_beside_their_models():
+    from efficientml.experiments.transformer import cost_rows, head_timings
+    configs = {"tiny": (1, 2, 8, 16, 11, 11)}
+    rows, built = cost_rows(configs, n=4)
+    with package_device_trap():
+        assert cost_rows(configs, n=4) == (rows, built)
+        head_timings(n_heads=(2,), d_model=8, n_layers=1, batch=1, seq_len=3, repeat=1)

@@ -12,7 +12,7 @@ from ..lora import (add_lora, freeze, gradient_bytes, lora_targets, optimizer_st
 from ..models import resnet18
 from ..seeds import SEEDS, paired_gap, spread
 from ..train import evaluate, fit, make_optimizer, select_device
-from .core import _checkpoint, class_split, register, seed_for, train_loaders
+from .core import _checkpoint, class_split, per_seed, register, seed_for, train_loaders
 
 
 def pretrained_backbone(s: dict, device=None, progress=None, out_dir: Path | None = None):
@@ -87,7 +87,8 @@ def measure_cost(model, batch_shape: tuple[int, ...], num_classes: int, s: dict)
     m = copy.deepcopy(model).cpu().train()
     for p in m.parameters():
         p.grad = None
-    x, y = torch.zeros(batch_shape), torch.zeros(batch_shape[0], dtype=torch.long)
+    x = torch.zeros(batch_shape, device="cpu")
+    y = torch.zeros(batch_shape[0], dtype=torch.long, device="cpu")
     saved = saved_activation_bytes(m, x)
     opt = make_optimizer((p for p in m.parameters() if p.requires_grad), "sgd", s["lr"], s["momentum"],
                          s["weight_decay"])
@@ -112,24 +113,36 @@ def _features(model, ds, device) -> torch.Tensor:
 
 def linear_probe(backbone, s: dict, device=None, steps: int = 300) -> float:
     """Test accuracy of a linear classifier on ``backbone``'s frozen features (the 512 numbers
-    before its classifier, in eval mode) for the target task of ``s`` (its ``seed`` picks the
-    training and test images): features standardised with the training images' mean and std,
-    then multinomial logistic regression (L-BFGS, ``steps`` iterations at most, weight decay
-    ``s["probe_l2"]``), in float64 so that it is the same on every machine to many digits."""
+    before its classifier, in eval mode, computed on ``device``) for the target task of ``s``
+    (its ``seed`` picks the training and test images), fitted by ``probe_accuracy`` on the CPU
+    in float64 (weight decay ``s["probe_l2"]``, ``steps`` L-BFGS iterations at most)."""
     device = select_device(device)
     train = class_split(s, s["target_classes"], True, s["n_per_class"])
     test = class_split(s, s["target_classes"], False, s["test_per_class"])
     ftr, fte = _features(backbone, train, device), _features(backbone, test, device)
+    return probe_accuracy(ftr, train.labels.cpu(), fte, test.labels.cpu(), train.num_classes, s["probe_l2"],
+                          steps)
+
+
+def probe_accuracy(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: torch.Tensor, num_classes: int,
+                   l2: float, steps: int = 300) -> float:
+    """Test accuracy of multinomial logistic regression fitted to training features ``ftr`` (N, F)
+    with labels ``ytr`` (N,) int64 and measured on ``fte`` (M, F), ``yte`` (M,): features
+    standardised with the training mean and std, zero-initialised weights, L-BFGS (``steps``
+    iterations at most, strong Wolfe line search) on cross-entropy + ``l2`` x squared weights.
+    All on the CPU in float64 (MPS has none), so the result is the same on every machine to
+    many digits; inputs on other devices or dtypes are converted."""
+    ftr, fte = ftr.detach().to("cpu", torch.float64), fte.detach().to("cpu", torch.float64)
+    ytr, yte = ytr.to("cpu", torch.int64), yte.to("cpu", torch.int64)
     mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
     ftr, fte = (ftr - mu) / sd, (fte - mu) / sd
-    ytr, yte = train.labels.cpu(), test.labels.cpu()
-    clf = torch.nn.Linear(ftr.shape[1], train.num_classes, dtype=torch.float64)
+    clf = torch.nn.Linear(ftr.shape[1], num_classes, dtype=torch.float64, device="cpu")
     torch.nn.init.zeros_(clf.weight), torch.nn.init.zeros_(clf.bias)
     opt = torch.optim.LBFGS(clf.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(clf(ftr), ytr) + s["probe_l2"] * clf.weight.square().sum()
+        loss = torch.nn.functional.cross_entropy(clf(ftr), ytr) + l2 * clf.weight.square().sum()
         loss.backward()
         return loss
 
@@ -185,14 +198,9 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
     if backbone is None:
         backbone, pre_hist = pretrained_backbone(s, device, progress, out_dir)
     device = select_device(device)
-    in_channels = backbone.conv1.in_channels
     extra_ranks = [r for r in sweep_ranks(s) if r != s["r_backbone"]]
     data_runs, data_sizes, lr_grid = s.get("data_runs") or [], s.get("data_sizes") or [], s.get("lr_grid") or []
-    runs, models, cost = {name: [] for name in s["runs"]}, {}, {}
-    ranks = {r: [] for r in extra_ranks}
-    data = {name: {n: [] for n in data_sizes} for name in data_runs}
-    lrs = {name: {lr: [] for lr in lr_grid} for name in data_runs}
-    probe = {"pretrained": [], "random": []}
+    models, cost = {}, {}
 
     def build(name, target, label, r=None):
         """A new model ``name`` for the target data set ``target``; its cost measured once per label."""
@@ -201,14 +209,18 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
             cost[label] = measure_cost(model, (s["batch_size"], *target.shape), target.num_classes, s)
         return model
 
-    for seed in s["seeds"]:
-        si = s | {"seed": seed}
+    def one_seed(si: dict) -> dict:
+        """Every training of seed ``si["seed"]``, in this order: the runs, the ranks, the data
+        sizes, the learning rates, the probes; ``{"runs": {name: History}, "ranks": {r: acc},
+        "data": {(name, n): acc}, "lrs": {(name, lr): acc}, "probe": {kind: acc}}``."""
+        seed = si["seed"]
         train_loader, test_loader, train = train_loaders(si, device, s["target_classes"])
+        out = {"runs": {}, "ranks": {}, "data": {}, "lrs": {}, "probe": {}}
         for name in s["runs"]:
             seed_for(seed, device)  # every run of a seed: the same new classifier, the same batches
             model = build(name, train, name)
-            runs[name].append(_fine_tune(model, train_loader, test_loader, s, s["lr"], device, out_dir,
-                                         f"lora-{name}-seed{seed}", progress))
+            out["runs"][name] = _fine_tune(model, train_loader, test_loader, s, s["lr"], device, out_dir,
+                                           f"lora-{name}-seed{seed}", progress)
             models.setdefault(name, model)
 
         def final_accuracy(name, loader, lr, stem, r=None):
@@ -218,21 +230,32 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
             return evaluate(model, test_loader, device)[1]
 
         for r in extra_ranks:
-            ranks[r].append(final_accuracy("lora_layer4", train_loader, s["lr"], f"lora-lora_layer4-r{r}", r))
+            out["ranks"][r] = final_accuracy("lora_layer4", train_loader, s["lr"], f"lora-lora_layer4-r{r}", r)
         for n in data_sizes:
             loader_n = train_loaders(si, device, s["target_classes"], n_per_class=n)[0]
             for name in data_runs:
-                data[name][n].append(final_accuracy(name, loader_n, s["lr"], f"lora-{name}-n{n}"))
+                out["data"][name, n] = final_accuracy(name, loader_n, s["lr"], f"lora-{name}-n{n}")
         for lr in lr_grid:
             for name in data_runs:
-                lrs[name][lr].append(final_accuracy(name, train_loader, lr, f"lora-{name}-lr{lr}"))
+                out["lrs"][name, lr] = final_accuracy(name, train_loader, lr, f"lora-{name}-lr{lr}")
         if s.get("probe"):
             seed_for(seed, device)
-            probe["pretrained"].append(linear_probe(backbone, si, device))
-            probe["random"].append(linear_probe(resnet18(train.num_classes, in_channels), si, device))
-    out = {"pretrain": pre_hist, "runs": runs, "models": models, "cost": cost, "ranks": ranks, "data": data,
-           "lrs": lrs}
-    return out | ({"probe": probe} if s.get("probe") else {})
+            out["probe"]["pretrained"] = linear_probe(backbone, si, device)
+            untrained = resnet18(train.num_classes, backbone.conv1.in_channels)
+            out["probe"]["random"] = linear_probe(untrained, si, device)
+        return out
+
+    seeds = per_seed(s, one_seed)
+
+    def over_seeds(key, k):
+        return [r[key][k] for r in seeds]
+    out = {"pretrain": pre_hist, "runs": {name: over_seeds("runs", name) for name in s["runs"]},
+           "models": models, "cost": cost, "ranks": {r: over_seeds("ranks", r) for r in extra_ranks},
+           "data": {name: {n: over_seeds("data", (name, n)) for n in data_sizes} for name in data_runs},
+           "lrs": {name: {lr: over_seeds("lrs", (name, lr)) for lr in lr_grid} for name in data_runs}}
+    if s.get("probe"):
+        out["probe"] = {kind: over_seeds("probe", kind) for kind in ("pretrained", "random")}
+    return out
 
 
 # The source task holds seven classes of every kind (Trouser, Dress, Coat, Sandal, Sneaker, Bag,
@@ -344,8 +367,9 @@ def stage_table(model, input_shape: tuple[int, ...]) -> tuple[list[list], list[s
         hooks.append(getattr(model, name).register_forward_hook(
             lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape[1:]))))
     was_training = model.training
+    p = next(model.parameters())
     with torch.no_grad():
-        model.eval()(torch.zeros(1, *input_shape))
+        model.eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
     model.train(was_training)
     for h in hooks:
         h.remove()

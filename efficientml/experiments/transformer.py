@@ -128,12 +128,13 @@ def cost_rows(configs: dict[str, tuple], n: int) -> tuple[list[list], dict[str, 
     """Rows of the cost table for configurations {name: (N, h, d_model, d_ff, source vocabulary,
     target vocabulary)} with source and target of ``n`` tokens: parameters from the formula and
     from the model built, FLOPs per token (2 x MACs) from the formula and counted; and the
-    built models' parameter counts by name."""
+    built models' parameter counts by name. The inputs are made on the models' device."""
     rows, built = [], {}
     for name, (n_layers, h, d, d_ff, vs, vt) in configs.items():
         model = Transformer(vs, vt, d, h, n_layers, d_ff, max_len=n + 2).eval()
+        device = model.out.weight.device
         with MatmulCounter() as count:
-            model(torch.randint(1, vs, (1, n)), torch.randint(1, vt, (1, n)))
+            model(torch.randint(1, vs, (1, n), device=device), torch.randint(1, vt, (1, n), device=device))
         built[name] = count_parameters(model)
         formula_flops = 2 * transformer_macs_per_token(d, n_layers, d_ff, vt, n)
         rows.append([name, n_layers, h, d, d_ff, f"{vs:,}",
@@ -173,7 +174,8 @@ def head_timings(n_heads=(1, 4, 8, 16), d_model: int = 256, n_layers: int = 2, b
     """Median wall time (ms) of one forward pass (source and target of ``seq_len`` tokens, vocabulary
     100, d_ff = 4 d_model) per number of heads h, with ``per_head=True`` (every head's projections
     and products separate calls) and with the heads fused: the same weights, the same input.
-    Rows {"h", "per_head_ms", "fused_ms", "per_head_calls", "fused_calls"}."""
+    Rows {"h", "per_head_ms", "fused_ms", "per_head_calls", "fused_calls"}. The models are
+    built where torch builds modules (the CPU unless a default device is set), the input beside them."""
     rows = []
     for h in n_heads:
         torch.manual_seed(seed)
@@ -181,7 +183,7 @@ def head_timings(n_heads=(1, 4, 8, 16), d_model: int = 256, n_layers: int = 2, b
         per_head = Transformer(100, 100, d_model, h, n_layers, 4 * d_model, dropout=0.0, max_len=seq_len,
                                per_head=True)
         per_head.load_state_dict(fused.state_dict())
-        x = torch.randint(1, 100, (batch, 2 * seq_len))
+        x = torch.randint(1, 100, (batch, 2 * seq_len), device=fused.out.weight.device)
         row = {"h": h}
         for name, model in (("per_head", per_head), ("fused", fused)):
             wrapped = _SourceTarget(model, seq_len).eval()
