@@ -237,13 +237,17 @@ def record(experiment: str, values: Mapping, tolerance: float | Mapping[str, flo
 def claim(holds: bool, statement: str, device=None) -> None:
     """Assert a statement the chapter's text makes about its results; raise ``ClaimFailed`` with
     the statement if it does not hold on this run. On a device whose kernels the book's claims
-    were not checked on (not in ``MEASURED_DEVICES``; default device: ``train.select_device()``)
-    a claim that does not hold is reported instead, so that the chapter runs on."""
+    were not checked on (not in ``MEASURED_DEVICES``; default device: ``train.select_device()``),
+    or with ``EFFICIENTML_CHECK=off`` (``make execute``), a claim that does not hold is reported
+    instead, so that the chapter runs on."""
     _dump("claims", statement, {"holds": bool(holds)})
     if bool(holds):
         print(f"holds: {statement}")
         return
     device_type = _device_type(device)
-    if device_type in MEASURED_DEVICES:
+    if os.environ.get("EFFICIENTML_CHECK", "").lower() == "off":
+        print(f"DOES NOT HOLD (EFFICIENTML_CHECK=off): {statement}")
+    elif device_type in MEASURED_DEVICES:
         raise ClaimFailed(f"the text claims: {statement}; this run does not bear it out")
-    print(f"does not hold on this run ({device_type}; the claims were checked on CPU kernels): {statement}")
+    else:
+        print(f"does not hold on this run ({device_type}; the claims were checked on CPU kernels): {statement}")
