@@ -59,7 +59,8 @@ def machine(device: str | torch.device | None = None) -> str:
         return f"cuda ({torch.cuda.get_device_name(device)})"
     if device.type == "mps":
         return "mps (Apple GPU)"
-    return f"{device.type}, {torch.get_num_threads()} threads, {cpu_kernels()} kernels"
+    n = torch.get_num_threads()
+    return f"{device.type}, {n} thread{'s' * (n != 1)}, {cpu_kernels()} kernels"
 
 
 def seed_everything(seed: int = 0, threads: int | None = None, deterministic: bool = True) -> None:

@@ -244,7 +244,7 @@ def evaluate(model: nn.Module, loader, device: torch.device | None = None) -> tu
     Sums stay on the device until the end (one synchronisation, not one per batch); the batches'
     float32 loss sums are added in float64 on the CPU (no float64 on the device: MPS has none)."""
     if device is None:  # the model's device; CPU for models without parameters (e.g. packed int8 ones)
-        device = next(model.parameters(), torch.empty(0)).device
+        device = next(model.parameters(), torch.empty(0, device="cpu")).device
     model.eval()
     losses, correct, n = [], 0, 0
     for x, y in loader:

@@ -36,3 +36,10 @@ def seeded():
     seed_everything(0)
     yield
     torch.use_deterministic_algorithms(False)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_record_nowhere(monkeypatch):
+    """make test-other-kernels collects the chapters' records and claims through
+    EFFICIENTML_RECORD_DIR; the unit tests' own demonstration records stay out of it."""
+    monkeypatch.delenv("EFFICIENTML_RECORD_DIR", raising=False)
