@@ -195,7 +195,7 @@ def report() -> int:
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform()},
         "runs": runs, "failed_claims": failed_claims, "deviations": deviations}, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {RESULT.relative_to(ROOT)}")
+    print(f"wrote {RESULT.relative_to(ROOT) if RESULT.is_relative_to(ROOT) else RESULT}")
     return 0
 
 

@@ -1,0 +1,44 @@
+"""scripts/kernel_paths.py: another machine's executed chapters as a path, and the report."""
+import ast
+import importlib.util
+import json
+import shutil
+
+from efficientml import checks
+
+SPEC = importlib.util.spec_from_file_location("kernel_paths", checks.REPO_ROOT / "scripts" / "kernel_paths.py")
+kernel_paths = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(kernel_paths)
+
+
+def test_imported_chapters_are_measured_against_the_stored_book(tmp_path, monkeypatch):
+    monkeypatch.setattr(kernel_paths, "OUT", tmp_path / "paths")
+    monkeypatch.setattr(kernel_paths, "RESULT", tmp_path / "kernel-paths.json")
+    other = tmp_path / "other-book"
+    other.mkdir()
+    nb = checks.REPO_ROOT / "book" / "05_transformer.ipynb"
+    shutil.copy(nb, other / nb.name)
+    # the other machine's run: one trained value moved by 0.25, one claim failed
+    text = (other / nb.name).read_text()
+    stored = checks.read_records(nb)["transformer"]["values"]
+    moved = dict(stored, final_test_loss=stored["final_test_loss"] + 0.25)
+    assert kernel_paths._printed_claims(nb), "the chapter prints its claims"
+    statement = next(iter(kernel_paths._printed_claims(nb)))
+    data = json.loads(text)
+    for cell in data["cells"]:
+        for o in cell.get("outputs", []):
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name", "")
+            if name == checks.RECORD_PREFIX + "transformer":
+                payload = json.loads(ast.literal_eval("".join(o["data"]["application/papermill.record/text/plain"])))
+                payload["values"] = moved
+                o["data"]["application/papermill.record/text/plain"] = repr(json.dumps(payload, sort_keys=True))
+            if "text" in o:
+                o["text"] = "".join(o["text"]).replace(f"holds: {statement}", f"DOES NOT HOLD (x): {statement}")
+    (other / nb.name).write_text(json.dumps(data))
+    assert kernel_paths.import_executed("elsewhere", other, "a test") == 0
+    assert kernel_paths.report() == 0
+    result = json.loads((tmp_path / "kernel-paths.json").read_text())
+    devs = result["deviations"]["transformer"]
+    assert abs(devs["final_test_loss"]["elsewhere"] - 0.25) < 1e-9
+    assert all(d["elsewhere"] == 0 for k, d in devs.items() if k != "final_test_loss")
+    assert result["failed_claims"] == [f"elsewhere: {statement}"]
