@@ -153,20 +153,19 @@ def report() -> int:
         print("no runs under _build/kernel-paths: run `make test-other-kernels` first")
         return 1
     deviations: dict[str, dict[str, dict[str, float]]] = {}   # experiment -> key -> path -> deviation
-    tolerance: dict[str, dict[str, float]] = {}
     failed_claims, runs = [], {}
     sys.path.insert(0, str(ROOT))
     from efficientml import checks
     # deviations from the book's stored values as they are now (a path run before the chapters
     # were re-executed is compared with their new outputs)
-    stored = {exp: rec["values"] for nb in sorted((ROOT / "book").glob("*.ipynb"))
-              for exp, rec in checks.read_records(nb).items()}
+    book = {exp: rec for nb in sorted((ROOT / "book").glob("*.ipynb")) for exp, rec in checks.read_records(nb).items()}
+    stored = {exp: rec["values"] for exp, rec in book.items()}
+    tolerance = {exp: rec["tolerance"] for exp, rec in book.items()}
     book_claims = {c for nb in sorted((ROOT / "book").glob("*.ipynb")) for c in _printed_claims(nb)}
     for path in paths:
         folder = OUT / path
         runs[path] = json.loads((folder / "run.json").read_text())
         for rec in _read(folder, "records"):
-            tolerance.setdefault(rec["name"], {})
             for key, value in rec["values"].items():
                 d = _deviation(value, stored.get(rec["name"], rec.get("stored", {})).get(key))
                 if d is not None:
@@ -174,8 +173,6 @@ def report() -> int:
         # a claim the book no longer makes (its statement printed by no stored chapter) is left out
         failed_claims += [f"{path}: {c['name']}" for c in _read(folder, "claims")
                           if not c["holds"] and c["name"] in book_claims]
-    tolerance = {exp: rec["tolerance"] for nb in sorted((ROOT / "book").glob("*.ipynb"))
-                 for exp, rec in checks.read_records(nb).items()}
     print(f"{'chapter / experiment':40s} " + " ".join(f"{p:>22s}" for p in paths))
     for exp in sorted(deviations, key=chapter_of):
         cells = []
