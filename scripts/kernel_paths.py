@@ -177,6 +177,9 @@ def report() -> int:
     for exp in sorted(deviations, key=chapter_of):
         cells = []
         for path in paths:
+            if not any(path in d for d in deviations[exp].values()):
+                cells.append("not run")
+                continue
             worst = max(((d.get(path, 0.0), k) for k, d in deviations[exp].items()), default=(0.0, ""))
             tol = tolerance.get(exp, {})
             ratio = max((d.get(path, 0.0) / tol[k] for k, d in deviations[exp].items() if tol.get(k)),

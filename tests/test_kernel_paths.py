@@ -11,7 +11,7 @@ kernel_paths = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(kernel_paths)
 
 
-def test_imported_chapters_are_measured_against_the_stored_book(tmp_path, monkeypatch):
+def test_imported_chapters_are_measured_against_the_stored_book(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(kernel_paths, "OUT", tmp_path / "paths")
     monkeypatch.setattr(kernel_paths, "RESULT", tmp_path / "kernel-paths.json")
     other = tmp_path / "other-book"
@@ -36,7 +36,13 @@ def test_imported_chapters_are_measured_against_the_stored_book(tmp_path, monkey
                 o["text"] = "".join(o["text"]).replace(f"holds: {statement}", f"DOES NOT HOLD (x): {statement}")
     (other / nb.name).write_text(json.dumps(data))
     assert kernel_paths.import_executed("elsewhere", other, "a test") == 0
+    # a path that ran other chapters only: the table says so instead of printing a zero
+    (tmp_path / "paths" / "partial").mkdir()
+    (tmp_path / "paths" / "partial" / "run.json").write_text("{}")
+    capsys.readouterr()
     assert kernel_paths.report() == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "/ transformer" in line)
+    assert "0.250 (" in row and row.rstrip().endswith("not run")
     result = json.loads((tmp_path / "kernel-paths.json").read_text())
     devs = result["deviations"]["transformer"]
     assert abs(devs["final_test_loss"]["elsewhere"] - 0.25) < 1e-9
