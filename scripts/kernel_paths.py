@@ -166,8 +166,11 @@ def report() -> int:
         folder = OUT / path
         runs[path] = json.loads((folder / "run.json").read_text())
         for rec in _read(folder, "records"):
+            reference = stored.get(rec["name"], rec.get("stored", {}))
             for key, value in rec["values"].items():
-                d = _deviation(value, stored.get(rec["name"], rec.get("stored", {})).get(key))
+                if key not in reference:  # a value the book no longer records
+                    continue
+                d = _deviation(value, reference[key])
                 if d is not None:
                     deviations.setdefault(rec["name"], {}).setdefault(key, {})[path] = d
         # a claim the book no longer makes (its statement printed by no stored chapter) is left out
