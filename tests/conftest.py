@@ -1,3 +1,4 @@
+import io
 import os
 from pathlib import Path
 
@@ -10,6 +11,20 @@ from efficientml.reproducibility import apply_threads
 
 def pytest_configure(config):
     apply_threads()  # $EFFICIENTML_THREADS if set (CI: 2), else torch's choice
+
+
+@pytest.fixture
+def written_on_cuda(monkeypatch):
+    """``written_on_cuda(save)``: what ``save(f)`` writes, with every storage tagged as a CUDA
+    one, as on a GPU: loading it without ``map_location`` on a machine without CUDA raises."""
+    def write(save) -> io.BytesIO:
+        buf = io.BytesIO()
+        with monkeypatch.context() as m:
+            m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+            save(buf)
+        buf.seek(0)
+        return buf
+    return write
 
 
 @pytest.fixture(scope="session")

@@ -158,20 +158,10 @@ def test_entries_are_save_quantizeds_array_entries(method):
     assert set(sparse) == {"shape", "bitmap", "values"} and sparse["values"].keys() == array_entry(q).keys()
 
 
-def _as_if_written_on_cuda(monkeypatch, save) -> io.BytesIO:
-    """What ``save(f)`` writes, with every storage tagged as a CUDA one, as on a GPU."""
-    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-    buf = io.BytesIO()
-    save(buf)
-    monkeypatch.undo()
-    buf.seek(0)
-    return buf
-
-
-def test_a_file_written_on_a_gpu_loads_on_the_cpu(monkeypatch):
+def test_a_file_written_on_a_gpu_loads_on_the_cpu(written_on_cuda):
     model = pruned(conv_model, 0.5)
     ref = round_trip(model, conv_model, bits=4)[0]
-    buf = _as_if_written_on_cuda(monkeypatch, lambda f: save_compressed(model, f, bits=4))
+    buf = written_on_cuda(lambda f: save_compressed(model, f, bits=4))
     loaded = load_compressed(conv_model(), buf).state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in ref.items())
 

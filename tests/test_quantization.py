@@ -544,21 +544,21 @@ def test_dequantize_puts_scales_and_codebooks_on_the_codes_device():
     assert out.device.type == "meta" and out.dtype == torch.float32
 
 
-def _as_if_written_on_cuda(monkeypatch, save) -> io.BytesIO:
-    """What ``save(f)`` writes, with every storage tagged as a CUDA one, as on a GPU: loading it
-    without ``map_location`` on a machine without CUDA raises."""
-    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
-    buf = io.BytesIO()
-    save(buf)
-    monkeypatch.undo()
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA, a GPU's file loads without map_location")
+def test_the_stand_in_for_a_gpu_file_needs_map_location(written_on_cuda):
+    """The fixture the GPU-file tests use writes what a GPU writes: read without map_location
+    on a machine without CUDA, it raises."""
+    buf = written_on_cuda(lambda f: torch.save({"w": torch.ones(2)}, f))
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.load(buf, weights_only=True)
     buf.seek(0)
-    return buf
+    assert torch.equal(torch.load(buf, weights_only=True, map_location="cpu")["w"], torch.ones(2))
 
 
-def test_a_file_written_on_a_gpu_loads_on_the_cpu(monkeypatch):
+def test_a_file_written_on_a_gpu_loads_on_the_cpu(written_on_cuda):
     torch.manual_seed(0)
     model = MLP(20, (8,), 3)
-    buf = _as_if_written_on_cuda(monkeypatch, lambda f: save_quantized(model, f, bits=4, per_channel=True))
+    buf = written_on_cuda(lambda f: save_quantized(model, f, bits=4, per_channel=True))
     loaded = load_quantized(MLP(20, (8,), 3), buf).state_dict()
     ref = dequantized_model(model, 4, per_channel=True).state_dict()
     assert all(torch.equal(loaded[n], ref[n]) for n in ref)
