@@ -57,10 +57,11 @@ def run(path: str, extra: list[str]) -> int:
     # EFFICIENTML_CHECK=off: a record or claim that fails is reported, not raised, so that every
     # record and every claim of a chapter is measured; the path fails if any did (below)
     env = os.environ | PATHS[path] | {"EFFICIENTML_RECORD_DIR": str(folder), "EFFICIENTML_CHECK": "off"}
+    start = {kind: _lines(folder, kind) for kind in ("records", "claims")}  # a part's own entries follow
     t0 = time.perf_counter()
     rc = subprocess.call([sys.executable, *PYTEST, *(extra or ["tests", "book"])], cwd=ROOT, env=env)
-    failed = [f"record {r['name']}: {p}" for r in _read(folder, "records") for p in r["problems"]]
-    failed += [f"claim: {c['name']}" for c in _read(folder, "claims") if not c["holds"]]
+    failed = [f"record {r['name']}: {p}" for r in _read(folder, "records", start["records"]) for p in r["problems"]]
+    failed += [f"claim: {c['name']}" for c in _read(folder, "claims", start["claims"]) if not c["holds"]]
     for line in failed:
         print("FAILED", line)
     rc = rc or int(bool(failed))
@@ -69,7 +70,7 @@ def run(path: str, extra: list[str]) -> int:
     before = json.loads((folder / "run.json").read_text()) if extra and (folder / "run.json").exists() else {}
     parts = before.get("parts", []) + [part]
     (folder / "run.json").write_text(json.dumps({
-        "path": path, "environment": PATHS[path], "exit_status": max(p["exit_status"] for p in parts),
+        "path": path, "environment": PATHS[path], "exit_status": max(p.get("exit_status", 1) for p in parts),
         "parts": parts}, indent=1))
     print(f"{path}: exit status {rc} in {time.perf_counter() - t0:.0f} s")
     return rc
@@ -120,11 +121,17 @@ def import_executed(name: str, book: Path, note: str) -> int:
     return 0
 
 
-def _read(folder: Path, kind: str) -> list[dict]:
-    """What the records (or claims) of a path wrote, the latest entry of each name only."""
+def _read(folder: Path, kind: str, start: int = 0) -> list[dict]:
+    """What the records (or claims) of a path wrote (from line ``start`` on), the latest entry
+    of each name only."""
     f = folder / f"{kind}.jsonl"
-    entries = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+    entries = [json.loads(line) for line in f.read_text().splitlines()[start:]] if f.exists() else []
     return list({e["name"]: e for e in entries}.values())
+
+
+def _lines(folder: Path, kind: str) -> int:
+    f = folder / f"{kind}.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
 
 
 def _deviation(a, b) -> float | None:

@@ -50,3 +50,23 @@ def test_imported_chapters_are_measured_against_the_stored_book(tmp_path, monkey
     assert all(d["elsewhere"] == 0 for k, d in devs.items() if k != "final_test_loss")
     assert "dropped_since" not in devs
     assert result["failed_claims"] == [f"elsewhere: {statement}"]
+
+
+def test_a_part_of_a_path_fails_on_what_it_measured_itself(tmp_path, monkeypatch):
+    """A partial run (one chapter) adds to a path's folder: an earlier part's failed record does
+    not fail it, and an earlier part recorded without an exit status counts as failed."""
+    monkeypatch.setattr(kernel_paths, "OUT", tmp_path)
+    folder = tmp_path / "sse"
+    folder.mkdir()
+    (folder / "records.jsonl").write_text(json.dumps({"name": "old", "values": {}, "problems": ["moved"]}) + "\n")
+    (folder / "run.json").write_text(json.dumps({"parts": [{"pytest_args": ["book"]}]}))
+
+    def the_suite(cmd, cwd, env):  # what the chapter's record and claim write under CHECK=off
+        assert env["EFFICIENTML_CHECK"] == "off" and env["ATEN_CPU_CAPABILITY"] == "default"
+        with open(f"{env['EFFICIENTML_RECORD_DIR']}/claims.jsonl", "a") as f:
+            f.write(json.dumps({"name": "a claim", "holds": True}) + "\n")
+        return 0
+    monkeypatch.setattr(kernel_paths.subprocess, "call", the_suite)
+    assert kernel_paths.run("sse", ["book/05_transformer.ipynb"]) == 0
+    run = json.loads((folder / "run.json").read_text())
+    assert [p.get("exit_status") for p in run["parts"]] == [None, 0] and run["exit_status"] == 1
