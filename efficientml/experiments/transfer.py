@@ -499,15 +499,15 @@ def accuracy_table(summary: dict) -> tuple[list[list], list[str]]:
 
 def record_values(summary: dict, cost: dict, pretrain=None) -> dict:
     """What Chapter 4 records (``checks.record``): ``{name: mean final test accuracy}`` of the
-    main runs (the keys the results page reads), their standard deviations and the first
-    epoch's spread, the sweeps (``"ranks"``, ``"data"``, ``"lrs"``: mean and std of each point),
-    the linear probes, the pretraining's final source test accuracy, the exact costs (``cost``)
+    main runs (the keys the results page reads), their standard deviations, the sweeps
+    (``"ranks"``, ``"data"``, ``"lrs"``: mean and std of each point), the linear probes, the pretraining's final source test accuracy, the exact costs (``cost``)
     and the measured peak memory of a training step in MiB (``peak MiB``; it varies a little
-    with the CPU's kernels)."""
+    with the CPU's kernels). Not the accuracy after the first epoch: two steps in, it is near
+    chance and moved by up to 11 points between CPU kernel paths, so no tolerance would check
+    anything."""
     runs = main_runs(summary)
     out = {name: v["final"].mean for name, v in runs.items()}
     out |= {"final std": {name: v["final"].std for name, v in runs.items()},
-            "epoch 1": {name: {"mean": v["epoch 1"].mean, "std": v["epoch 1"].std} for name, v in runs.items()},
             "cost": {name: {k: v for k, v in c.items() if k != "peak_step_bytes"} for name, c in cost.items()},
             "peak MiB": {name: c["peak_step_bytes"] / 2**20 for name, c in cost.items()}}
 
