@@ -56,5 +56,8 @@ def seeded():
 @pytest.fixture(autouse=True)
 def _unit_tests_record_nowhere(monkeypatch):
     """make test-other-kernels collects the chapters' records and claims through
-    EFFICIENTML_RECORD_DIR; the unit tests' own demonstration records stay out of it."""
+    EFFICIENTML_RECORD_DIR, with EFFICIENTML_CHECK=off so that every one is measured; the unit
+    tests' own demonstration records stay out of that folder, and they check as they do by
+    default (a test that wants ``off`` sets it itself)."""
     monkeypatch.delenv("EFFICIENTML_RECORD_DIR", raising=False)
+    monkeypatch.delenv("EFFICIENTML_CHECK", raising=False)
