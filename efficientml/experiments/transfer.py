@@ -500,11 +500,11 @@ def accuracy_table(summary: dict) -> tuple[list[list], list[str]]:
 def record_values(summary: dict, cost: dict, pretrain=None) -> dict:
     """What Chapter 4 records (``checks.record``): ``{name: mean final test accuracy}`` of the
     main runs (the keys the results page reads), their standard deviations, the sweeps
-    (``"ranks"``, ``"data"``, ``"lrs"``: mean and std of each point), the linear probes, the pretraining's final source test accuracy, the exact costs (``cost``)
-    and the measured peak memory of a training step in MiB (``peak MiB``; it varies a little
-    with the CPU's kernels). Not the accuracy after the first epoch: two steps in, it is near
-    chance and moved by up to 11 points between CPU kernel paths, so no tolerance would check
-    anything."""
+    (``"ranks"``, ``"data"``, ``"lrs"``: mean and std of each point), the linear probes, the
+    pretraining's final source test accuracy, the exact costs (``cost``) and the measured peak
+    memory of a training step in MiB (``peak MiB``; it varies with the CPU's kernels and the
+    thread count). Not the accuracy after the first epoch: two steps in, it is near chance and
+    moved by up to 11 points between CPU kernel paths, so no tolerance would check anything."""
     runs = main_runs(summary)
     out = {name: v["final"].mean for name, v in runs.items()}
     out |= {"final std": {name: v["final"].std for name, v in runs.items()},
