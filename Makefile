@@ -38,11 +38,11 @@ nbval: setup
 execute: setup  # refresh the stored outputs of NB (default: every chapter); differences from the old ones are reported, not raised
 	EFFICIENTML_CHECK=off $(PY) scripts/execute_notebooks.py $(NB)
 
-# The whole suite on every other CPU path (AVX2 and SSE kernels, 1 and 4 threads), one after
-# the other, then a table of how far each chapter's recorded numbers moved beside their
+# The whole suite on every other CPU path (AVX-512 where the CPU has it, AVX2 and SSE kernels,
+# 1 and 4 threads), one after the other, then a table of how far each chapter's recorded numbers moved beside their
 # tolerances (results/kernel-paths.json). For the developer before a chapter is called done; not
 # in CI (hours on 2 cores). One path: `$(PY) scripts/kernel_paths.py run avx2 [book/03_pruning.ipynb]`.
-KERNEL_PATHS ?= avx2 sse threads1 threads4
+KERNEL_PATHS ?= avx512 avx2 sse threads1 threads4
 test-other-kernels: setup browser
 	@status=0; for p in $(KERNEL_PATHS); do $(PY) scripts/kernel_paths.py run $$p || status=1; done; \
 	  $(PY) scripts/kernel_paths.py report; exit $$status

@@ -6,16 +6,20 @@ environment, and ``EFFICIENTML_RECORD_DIR`` set so that every chapter's ``record
 writes what it saw (``efficientml.checks``) under ``_build/kernel-paths/PATH/``. ``report``
 compares each recorded value with the book's stored one and prints, per chapter and path, the
 largest deviation beside its tolerance, and writes ``results/kernel-paths.json``: for every
-recorded value, the deviation measured on every path. ``tests/test_checks.py`` checks every
-tolerance against that file, so a tolerance cannot shrink below what another machine produced.
+recorded value, the value and the deviation measured on every path. ``tests/test_checks.py``
+checks every tolerance against that file, so a tolerance cannot shrink below what another
+machine produced.
 
     python scripts/kernel_paths.py run avx2      # one path (returns pytest's exit status)
     python scripts/kernel_paths.py report         # the table and results/kernel-paths.json
     python scripts/kernel_paths.py import avx512 ../other/book --note "..."   # another machine's run
 
-Deviations are taken from the book's stored values as they are when ``report`` runs. A path this
-machine cannot force (AVX-512 kernels on an AVX2-only CPU) enters as the chapters executed on a
-machine that has it (``import``).
+Deviations are taken from the book's stored values as they are when ``report`` runs. A path
+run here replaces that path in ``results/kernel-paths.json``; a path not run here (measured in an
+earlier session, or on another machine) is kept from the committed file, its deviations
+recomputed from the values it holds (kept as they were where it holds none). ``avx512`` is
+the native kernels of a CPU that has AVX-512 (what ``make test`` runs there); on a CPU without
+it the path is skipped, and a run from one that has it enters by ``import`` or from the file.
 """
 from __future__ import annotations
 
@@ -35,10 +39,13 @@ OUT = ROOT / "_build" / "kernel-paths"
 RESULT = ROOT / "results" / "kernel-paths.json"
 
 # Each path: the environment that forces it. The book's stored numbers come from the native
-# kernels at the machine's thread count (2 on the project's machines).
+# kernels at the machine's thread count (2 on the project's machines). A path whose kernels
+# this CPU does not have (``REQUIRES``) is skipped.
+REQUIRES = {"avx512": "AVX512"}
 AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_CBWR": "AVX2"}
 SSE = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "SSE4_2"}
 PATHS = {
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512"},  # the native kernels where the CPU has them
     "avx2": AVX2,
     "sse": SSE,
     "threads1": {"EFFICIENTML_THREADS": "1", "OMP_NUM_THREADS": "1"},
@@ -49,6 +56,12 @@ PYTEST = ["-m", "pytest", "--durations=40", "--nbval", "--nbval-sanitize-with", 
 
 def run(path: str, extra: list[str]) -> int:
     """Run the suite on ``path``; its records and claims go to ``_build/kernel-paths/PATH/``."""
+    env = os.environ | PATHS[path]
+    kernels = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                             env=env, capture_output=True, text=True).stdout.strip()
+    if path in REQUIRES and kernels != REQUIRES[path]:
+        print(f"{path}: skipped, this CPU runs {kernels or 'unknown'} kernels, not {REQUIRES[path]}")
+        return 0
     folder = OUT / path
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.glob("*.jsonl"):
@@ -56,7 +69,7 @@ def run(path: str, extra: list[str]) -> int:
             f.unlink()
     # EFFICIENTML_CHECK=off: a record or claim that fails is reported, not raised, so that every
     # record and every claim of a chapter is measured; the path fails if any did (below)
-    env = os.environ | PATHS[path] | {"EFFICIENTML_RECORD_DIR": str(folder), "EFFICIENTML_CHECK": "off"}
+    env = env | {"EFFICIENTML_RECORD_DIR": str(folder), "EFFICIENTML_CHECK": "off"}
     start = {kind: _lines(folder, kind) for kind in ("records", "claims")}  # a part's own entries follow
     t0 = time.perf_counter()
     rc = subprocess.call([sys.executable, *PYTEST, *(extra or ["tests", "book"])], cwd=ROOT, env=env)
@@ -66,7 +79,7 @@ def run(path: str, extra: list[str]) -> int:
         print("FAILED", line)
     rc = rc or int(bool(failed))
     part = {"pytest_args": extra or ["tests", "book"], "exit_status": rc, "wall_time_s": round(time.perf_counter() - t0),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_name()}
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_name(), "kernels": kernels}
     before = json.loads((folder / "run.json").read_text()) if extra and (folder / "run.json").exists() else {}
     parts = before.get("parts", []) + [part]
     (folder / "run.json").write_text(json.dumps({
@@ -154,12 +167,16 @@ def chapter_of(experiment: str) -> str:
 
 
 def report() -> int:
-    """Print the largest deviation per chapter and path beside its tolerance; write RESULT."""
-    paths = sorted(p.name for p in OUT.glob("*") if (p / "run.json").exists())
-    if not paths:
+    """Print the largest deviation per chapter and path beside its tolerance; write RESULT (the
+    paths run here, and the committed file's other paths)."""
+    local = sorted(p.name for p in OUT.glob("*") if (p / "run.json").exists())
+    earlier = json.loads(RESULT.read_text()) if RESULT.exists() else {}
+    kept = sorted(p for p in earlier.get("runs", {}) if p not in local)
+    if not local and not kept:
         print("no runs under _build/kernel-paths: run `make test-other-kernels` first")
         return 1
     deviations: dict[str, dict[str, dict[str, float]]] = {}   # experiment -> key -> path -> deviation
+    values: dict[str, dict[str, dict]] = {}                    # path -> experiment -> key -> value
     failed_claims, runs = [], {}
     sys.path.insert(0, str(ROOT))
     from efficientml import checks
@@ -169,20 +186,38 @@ def report() -> int:
     stored = {exp: rec["values"] for exp, rec in book.items()}
     tolerance = {exp: rec["tolerance"] for exp, rec in book.items()}
     book_claims = {c for nb in sorted((ROOT / "book").glob("*.ipynb")) for c in _printed_claims(nb)}
-    for path in paths:
+
+    def measured(path: str, exp: str, key: str, value, reference) -> None:
+        values.setdefault(path, {}).setdefault(exp, {})[key] = value
+        d = _deviation(value, reference)
+        if d is not None:
+            deviations.setdefault(exp, {}).setdefault(key, {})[path] = d
+
+    for path in local:
         folder = OUT / path
         runs[path] = json.loads((folder / "run.json").read_text())
         for rec in _read(folder, "records"):
             reference = stored.get(rec["name"], rec.get("stored", {}))
             for key, value in rec["values"].items():
-                if key not in reference:  # a value the book no longer records
-                    continue
-                d = _deviation(value, reference[key])
-                if d is not None:
-                    deviations.setdefault(rec["name"], {}).setdefault(key, {})[path] = d
+                if key in reference:  # else a value the book no longer records
+                    measured(path, rec["name"], key, value, reference[key])
         # a claim the book no longer makes (its statement printed by no stored chapter) is left out
         failed_claims += [f"{path}: {c['name']}" for c in _read(folder, "claims")
                           if not c["holds"] and c["name"] in book_claims]
+    for path in kept:  # from the committed file: recomputed from its values, else as it was
+        runs[path] = earlier["runs"][path]
+        held = earlier.get("values", {}).get(path, {})
+        for exp, keys in earlier.get("deviations", {}).items():
+            for key, by_path in keys.items():
+                if path not in by_path or key not in stored.get(exp, {}):
+                    continue
+                if key in held.get(exp, {}):
+                    measured(path, exp, key, held[exp][key], stored[exp][key])
+                else:
+                    deviations.setdefault(exp, {}).setdefault(key, {})[path] = by_path[path]
+        failed_claims += [c for c in earlier.get("failed_claims", [])
+                          if c.startswith(f"{path}: ") and c.split(": ", 1)[1] in book_claims]
+    paths = sorted(runs)
     print(f"{'chapter / experiment':40s} " + " ".join(f"{p:>22s}" for p in paths))
     for exp in sorted(deviations, key=chapter_of):
         cells = []
@@ -201,10 +236,12 @@ def report() -> int:
     RESULT.parent.mkdir(exist_ok=True)
     RESULT.write_text(json.dumps({
         "about": "Deviation of every recorded value from the book's stored one on other CPU kernel paths and "
-                 "thread counts (scripts/kernel_paths.py); tests/test_checks.py checks tolerances against it.",
+                 "thread counts, and the values measured there (scripts/kernel_paths.py); tests/test_checks.py "
+                 "checks tolerances against it.",
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
                     "platform": platform.platform()},
-        "runs": runs, "failed_claims": failed_claims, "deviations": deviations}, indent=1, sort_keys=True) + "\n")
+        "runs": runs, "failed_claims": failed_claims, "deviations": deviations, "values": values},
+        indent=1, sort_keys=True) + "\n")
     print(f"wrote {RESULT.relative_to(ROOT) if RESULT.is_relative_to(ROOT) else RESULT}")
     return 0
 

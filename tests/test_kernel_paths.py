@@ -70,3 +70,34 @@ def test_a_part_of_a_path_fails_on_what_it_measured_itself(tmp_path, monkeypatch
     assert kernel_paths.run("sse", ["book/05_transformer.ipynb"]) == 0
     run = json.loads((folder / "run.json").read_text())
     assert [p.get("exit_status") for p in run["parts"]] == [None, 0] and run["exit_status"] == 1
+
+
+def test_a_path_not_run_here_is_kept_from_the_committed_file(tmp_path, monkeypatch):
+    """report keeps the committed file's paths that have no run here: deviations recomputed from
+    the values it holds against the book as it is now, kept as they were where it holds none;
+    its failed claims are kept while the book still makes them."""
+    monkeypatch.setattr(kernel_paths, "OUT", tmp_path / "paths")
+    monkeypatch.setattr(kernel_paths, "RESULT", tmp_path / "kernel-paths.json")
+    stored = checks.read_records(checks.REPO_ROOT / "book" / "05_transformer.ipynb")["transformer"]["values"]
+    statement = next(iter(kernel_paths._printed_claims(checks.REPO_ROOT / "book" / "05_transformer.ipynb")))
+    (tmp_path / "kernel-paths.json").write_text(json.dumps({
+        "runs": {"earlier": {"path": "earlier", "exit_status": 1}},
+        "failed_claims": [f"earlier: {statement}", "earlier: a claim the book no longer makes"],
+        "deviations": {"transformer": {"final_test_loss": {"earlier": 9.0}, "reversal_fraction": {"earlier": 0.125},
+                                       "dropped_since": {"earlier": 1.0}}},
+        "values": {"earlier": {"transformer": {"final_test_loss": stored["final_test_loss"] + 0.5}}}}))
+    assert kernel_paths.report() == 0
+    result = json.loads((tmp_path / "kernel-paths.json").read_text())
+    devs = result["deviations"]["transformer"]
+    assert abs(devs["final_test_loss"]["earlier"] - 0.5) < 1e-9   # recomputed, not the 9.0 it held
+    assert devs["reversal_fraction"]["earlier"] == 0.125          # no value held: kept
+    assert "dropped_since" not in devs
+    assert result["runs"]["earlier"]["exit_status"] == 1
+    assert result["failed_claims"] == [f"earlier: {statement}"]
+    # run here, a path replaces what the file held for it
+    (tmp_path / "paths" / "earlier").mkdir(parents=True)
+    (tmp_path / "paths" / "earlier" / "run.json").write_text(json.dumps({"path": "earlier", "exit_status": 0}))
+    assert kernel_paths.report() == 0
+    result = json.loads((tmp_path / "kernel-paths.json").read_text())
+    assert result["runs"]["earlier"]["exit_status"] == 0 and result["failed_claims"] == []
+    assert "transformer" not in result["deviations"]

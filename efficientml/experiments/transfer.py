@@ -82,8 +82,9 @@ def measure_cost(model, batch_shape: tuple[int, ...], num_classes: int, s: dict)
     after the step), ``saved_activation_bytes`` (what autograd saves for the backward pass; see
     ``lora.saved_activation_bytes``) and ``peak_step_bytes`` (the most memory the step held at
     once above the weights: activations, gradients, optimizer state and temporaries; see
-    ``lora.peak_memory_bytes``). All but the peak depend only on shapes and on what trains; the
-    peak includes library workspaces, which vary a little between CPUs."""
+    ``lora.peak_memory_bytes``), measured on one thread, so that it does not grow with the
+    reader's cores. All but the peak depend only on shapes and on what trains; the peak includes
+    library workspaces, which vary a little between CPUs' kernels."""
     m = copy.deepcopy(model).cpu().train()
     for p in m.parameters():
         p.grad = None
@@ -97,7 +98,12 @@ def measure_cost(model, batch_shape: tuple[int, ...], num_classes: int, s: dict)
         torch.nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
 
-    peak = peak_memory_bytes(step)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # some kernels (AVX2's convolutions) take a workspace per thread
+    try:
+        peak = peak_memory_bytes(step)
+    finally:
+        torch.set_num_threads(threads)
     count = parameter_count(m)
     return {"trainable": count.trainable, "total": count.total, "gradient_bytes": gradient_bytes(m),
             "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": saved,
@@ -502,8 +508,8 @@ def record_values(summary: dict, cost: dict, pretrain=None) -> dict:
     main runs (the keys the results page reads), their standard deviations, the sweeps
     (``"ranks"``, ``"data"``, ``"lrs"``: mean and std of each point), the linear probes, the
     pretraining's final source test accuracy, the exact costs (``cost``) and the measured peak
-    memory of a training step in MiB (``peak MiB``; it varies with the CPU's kernels and the
-    thread count). Not the accuracy after the first epoch: two steps in, it is near chance and
+    memory of a training step in MiB (``peak MiB``, on one thread; it varies a little with the
+    CPU's kernels). Not the accuracy after the first epoch: two steps in, it is near chance and
     moved by up to 11 points between CPU kernel paths, so no tolerance would check anything."""
     runs = main_runs(summary)
     out = {name: v["final"].mean for name, v in runs.items()}
