@@ -134,6 +134,11 @@ def import_executed(name: str, book: Path, note: str) -> int:
     return 0
 
 
+def _local_run(path: str) -> dict:
+    """``_build/kernel-paths/PATH/run.json``: the runs of ``path`` made here."""
+    return json.loads((OUT / path / "run.json").read_text())
+
+
 def _read(folder: Path, kind: str, start: int = 0) -> list[dict]:
     """What the records (or claims) of a path wrote (from line ``start`` on), the latest entry
     of each name only."""
@@ -167,11 +172,18 @@ def chapter_of(experiment: str) -> str:
 
 
 def report() -> int:
-    """Print the largest deviation per chapter and path beside its tolerance; write RESULT (the
-    paths run here, and the committed file's other paths)."""
+    """Print the largest deviation per chapter and path beside its tolerance; write RESULT.
+
+    A path run here in whole (``tests`` and ``book``) replaces what the committed RESULT holds for
+    it; a path run here in parts (some chapters) adds to it: its parts follow the committed ones,
+    and the experiments and claims it measured replace theirs. The committed file's other paths
+    and experiments are kept, their deviations recomputed from the values the file holds against
+    the book as it is now (kept as they were where it holds none)."""
     local = sorted(p.name for p in OUT.glob("*") if (p / "run.json").exists())
     earlier = json.loads(RESULT.read_text()) if RESULT.exists() else {}
     kept = sorted(p for p in earlier.get("runs", {}) if p not in local)
+    partial = sorted(p for p in local if p in earlier.get("runs", {}) and not any(
+        part.get("pytest_args") == ["tests", "book"] for part in _local_run(p).get("parts", [])))
     if not local and not kept:
         print("no runs under _build/kernel-paths: run `make test-other-kernels` first")
         return 1
@@ -193,9 +205,11 @@ def report() -> int:
         if d is not None:
             deviations.setdefault(exp, {}).setdefault(key, {})[path] = d
 
+    measured_here: dict[str, set] = {}  # path -> the experiments and claims its local runs measured
     for path in local:
         folder = OUT / path
-        runs[path] = json.loads((folder / "run.json").read_text())
+        runs[path] = _local_run(path)
+        measured_here[path] = {r["name"] for r in _read(folder, "records")} | {c["name"] for c in _read(folder, "claims")}
         for rec in _read(folder, "records"):
             reference = stored.get(rec["name"], rec.get("stored", {}))
             for key, value in rec["values"].items():
@@ -204,19 +218,26 @@ def report() -> int:
         # a claim the book no longer makes (its statement printed by no stored chapter) is left out
         failed_claims += [f"{path}: {c['name']}" for c in _read(folder, "claims")
                           if not c["holds"] and c["name"] in book_claims]
-    for path in kept:  # from the committed file: recomputed from its values, else as it was
-        runs[path] = earlier["runs"][path]
+    for path in kept + partial:  # from the committed file: recomputed from its values, else as it was
+        here = measured_here.get(path, set())
+        if path in partial:
+            before = earlier["runs"][path]
+            parts = before.get("parts", []) + runs[path].get("parts", [])
+            runs[path] = before | runs[path] | {"parts": parts, "exit_status": max(
+                [p.get("exit_status", 1) for p in parts] or [before.get("exit_status", 1)])}
+        else:
+            runs[path] = earlier["runs"][path]
         held = earlier.get("values", {}).get(path, {})
         for exp, keys in earlier.get("deviations", {}).items():
             for key, by_path in keys.items():
-                if path not in by_path or key not in stored.get(exp, {}):
+                if path not in by_path or key not in stored.get(exp, {}) or exp in here:
                     continue
                 if key in held.get(exp, {}):
                     measured(path, exp, key, held[exp][key], stored[exp][key])
                 else:
                     deviations.setdefault(exp, {}).setdefault(key, {})[path] = by_path[path]
-        failed_claims += [c for c in earlier.get("failed_claims", [])
-                          if c.startswith(f"{path}: ") and c.split(": ", 1)[1] in book_claims]
+        failed_claims += [c for c in earlier.get("failed_claims", []) if c.startswith(f"{path}: ")
+                          and c.split(": ", 1)[1] in book_claims and c.split(": ", 1)[1] not in here]
     paths = sorted(runs)
     print(f"{'chapter / experiment':40s} " + " ".join(f"{p:>22s}" for p in paths))
     for exp in sorted(deviations, key=chapter_of):

@@ -94,10 +94,36 @@ def test_a_path_not_run_here_is_kept_from_the_committed_file(tmp_path, monkeypat
     assert "dropped_since" not in devs
     assert result["runs"]["earlier"]["exit_status"] == 1
     assert result["failed_claims"] == [f"earlier: {statement}"]
-    # run here, a path replaces what the file held for it
+    # run here in whole, a path replaces what the file held for it
     (tmp_path / "paths" / "earlier").mkdir(parents=True)
-    (tmp_path / "paths" / "earlier" / "run.json").write_text(json.dumps({"path": "earlier", "exit_status": 0}))
+    (tmp_path / "paths" / "earlier" / "run.json").write_text(json.dumps({"path": "earlier", "exit_status": 0, "parts": [
+        {"pytest_args": ["tests", "book"], "exit_status": 0}]}))
     assert kernel_paths.report() == 0
     result = json.loads((tmp_path / "kernel-paths.json").read_text())
     assert result["runs"]["earlier"]["exit_status"] == 0 and result["failed_claims"] == []
     assert "transformer" not in result["deviations"]
+
+
+def test_a_path_run_here_in_parts_adds_to_the_committed_file(tmp_path, monkeypatch):
+    """One chapter run here on a committed path: its parts follow the committed ones, what it
+    measured replaces the file's, and the file's other experiments stay."""
+    monkeypatch.setattr(kernel_paths, "OUT", tmp_path / "paths")
+    monkeypatch.setattr(kernel_paths, "RESULT", tmp_path / "kernel-paths.json")
+    stored = checks.read_records(checks.REPO_ROOT / "book" / "05_transformer.ipynb")["transformer"]["values"]
+    lm = checks.read_records(checks.REPO_ROOT / "book" / "06_language_model.ipynb")["language-model"]["values"]
+    key = next(k for k, v in lm.items() if isinstance(v, float))
+    (tmp_path / "kernel-paths.json").write_text(json.dumps({
+        "runs": {"p": {"path": "p", "exit_status": 0, "parts": [{"pytest_args": ["book"], "exit_status": 0}]}},
+        "failed_claims": [],
+        "deviations": {"transformer": {"final_test_loss": {"p": 0.125}}, "language-model": {key: {"p": 0.0625}}}}))
+    folder = tmp_path / "paths" / "p"
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"path": "p", "exit_status": 0, "parts": [
+        {"pytest_args": ["book/05_transformer.ipynb"], "exit_status": 0}]}))
+    (folder / "records.jsonl").write_text(json.dumps({"name": "transformer", "problems": [], "values": dict(
+        stored, final_test_loss=stored["final_test_loss"] + 0.25)}) + "\n")
+    assert kernel_paths.report() == 0
+    result = json.loads((tmp_path / "kernel-paths.json").read_text())
+    assert [p["pytest_args"] for p in result["runs"]["p"]["parts"]] == [["book"], ["book/05_transformer.ipynb"]]
+    assert abs(result["deviations"]["transformer"]["final_test_loss"]["p"] - 0.25) < 1e-9
+    assert result["deviations"]["language-model"][key]["p"] == 0.0625
