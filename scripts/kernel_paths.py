@@ -15,9 +15,10 @@ machine produced.
     python scripts/kernel_paths.py import avx512 ../other/book --note "..."   # another machine's run
 
 Deviations are taken from the book's stored values as they are when ``report`` runs. A path
-run here replaces that path in ``results/kernel-paths.json``; a path not run here (measured in an
-earlier session, or on another machine) is kept from the committed file, its deviations
-recomputed from the values it holds (kept as they were where it holds none). ``avx512`` is
+run here in whole replaces that path in ``results/kernel-paths.json``, one run in parts (some
+chapters) replaces the experiments it measured; what was not run here (in an earlier session, or
+on another machine) is kept from the committed file, its deviations recomputed from the values
+it holds (kept as they were where it holds none). ``avx512`` is
 the native kernels of a CPU that has AVX-512 (what ``make test`` runs there); on a CPU without
 it the path is skipped, and a run from one that has it enters by ``import`` or from the file.
 """
