@@ -223,7 +223,11 @@ def report() -> int:
         here = measured_here.get(path, set())
         if path in partial:
             before = earlier["runs"][path]
-            parts = before.get("parts", []) + runs[path].get("parts", [])
+            # a part already in the committed file (``report`` run twice) is not added again
+            parts = []
+            for part in before.get("parts", []) + runs[path].get("parts", []):
+                if part not in parts:
+                    parts.append(part)
             runs[path] = before | runs[path] | {"parts": parts, "exit_status": max(
                 [p.get("exit_status", 1) for p in parts] or [before.get("exit_status", 1)])}
         else:

@@ -127,3 +127,7 @@ def test_a_path_run_here_in_parts_adds_to_the_committed_file(tmp_path, monkeypat
     assert [p["pytest_args"] for p in result["runs"]["p"]["parts"]] == [["book"], ["book/05_transformer.ipynb"]]
     assert abs(result["deviations"]["transformer"]["final_test_loss"]["p"] - 0.25) < 1e-9
     assert result["deviations"]["language-model"][key]["p"] == 0.0625
+    # report run again: the part already in the file is not added twice
+    assert kernel_paths.report() == 0
+    again = json.loads((tmp_path / "kernel-paths.json").read_text())
+    assert again["runs"]["p"]["parts"] == result["runs"]["p"]["parts"]
