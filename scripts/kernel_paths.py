@@ -55,6 +55,24 @@ PATHS = {
 PYTEST = ["-m", "pytest", "--durations=40", "--nbval", "--nbval-sanitize-with", "tests/nbval_sanitize.cfg", "-p", "no:cacheprovider"]
 
 
+def status(parts: list[dict]) -> int:
+    """A path's exit status from its parts: 0 if every part passed, or failed only in tests that a
+    later part ran again and passed (``passed_later``: e.g. a test fixed after the run); a part
+    with no exit status, or whose failures are not known test by test, counts as failed."""
+    def cleared(p: dict) -> bool:
+        return (p.get("exit_status", 1) == 0 or bool(p.get("failed_tests")) and not p.get("failed_checks")
+                and set(p["failed_tests"]) <= set(p.get("passed_later", [])))
+    return int(not all(map(cleared, parts)))
+
+
+def pytest_runtest_logreport(report) -> None:
+    """pytest hook (``run`` loads this module with ``-p kernel_paths``): each test's outcome,
+    appended to ``$KERNEL_PATHS_OUTCOMES`` as ``{"name": node id, "outcome": "passed" | "failed"}``."""
+    if report.failed or (report.when == "call" and report.passed):
+        with open(os.environ["KERNEL_PATHS_OUTCOMES"], "a") as f:
+            f.write(json.dumps({"name": report.nodeid, "outcome": "failed" if report.failed else "passed"}) + "\n")
+
+
 def run(path: str, extra: list[str]) -> int:
     """Run the suite on ``path``; its records and claims go to ``_build/kernel-paths/PATH/``."""
     env = os.environ | PATHS[path]
@@ -72,20 +90,31 @@ def run(path: str, extra: list[str]) -> int:
     # record and every claim of a chapter is measured; the path fails if any did (below)
     env = env | {"EFFICIENTML_RECORD_DIR": str(folder), "EFFICIENTML_CHECK": "off"}
     start = {kind: _lines(folder, kind) for kind in ("records", "claims")}  # a part's own entries follow
+    outcomes = folder / "outcomes.jsonl"  # this part's test outcomes (pytest_runtest_logreport)
+    outcomes.unlink(missing_ok=True)
+    env = env | {"KERNEL_PATHS_OUTCOMES": str(outcomes),
+                 "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "scripts"), env.get("PYTHONPATH")]))}
     t0 = time.perf_counter()
-    rc = subprocess.call([sys.executable, *PYTEST, *(extra or ["tests", "book"])], cwd=ROOT, env=env)
+    rc = subprocess.call([sys.executable, *PYTEST, "-p", "kernel_paths", *(extra or ["tests", "book"])],
+                         cwd=ROOT, env=env)
     failed = [f"record {r['name']}: {p}" for r in _read(folder, "records", start["records"]) for p in r["problems"]]
     failed += [f"claim: {c['name']}" for c in _read(folder, "claims", start["claims"]) if not c["holds"]]
     for line in failed:
         print("FAILED", line)
     rc = rc or int(bool(failed))
+    tests = {t["name"]: t["outcome"] for t in _read(folder, "outcomes")}  # a test's last report
     part = {"pytest_args": extra or ["tests", "book"], "exit_status": rc, "wall_time_s": round(time.perf_counter() - t0),
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_name(), "kernels": kernels}
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cpu": _cpu_name(), "kernels": kernels,
+            "failed_tests": sorted(t for t, outcome in tests.items() if outcome == "failed"),
+            "failed_checks": failed}
     before = json.loads((folder / "run.json").read_text()) if extra and (folder / "run.json").exists() else {}
+    for earlier in before.get("parts", []):  # an earlier part's failed tests that passed here
+        again = sorted(t for t in earlier.get("failed_tests", []) if tests.get(t) == "passed")
+        if again:
+            earlier["passed_later"] = sorted(set(earlier.get("passed_later", [])) | set(again))
     parts = before.get("parts", []) + [part]
     (folder / "run.json").write_text(json.dumps({
-        "path": path, "environment": PATHS[path], "exit_status": max(p.get("exit_status", 1) for p in parts),
-        "parts": parts}, indent=1))
+        "path": path, "environment": PATHS[path], "exit_status": status(parts), "parts": parts}, indent=1))
     print(f"{path}: exit status {rc} in {time.perf_counter() - t0:.0f} s")
     return rc
 
@@ -228,8 +257,8 @@ def report() -> int:
             for part in before.get("parts", []) + runs[path].get("parts", []):
                 if part not in parts:
                     parts.append(part)
-            runs[path] = before | runs[path] | {"parts": parts, "exit_status": max(
-                [p.get("exit_status", 1) for p in parts] or [before.get("exit_status", 1)])}
+            runs[path] = before | runs[path] | {"parts": parts, "exit_status": status(parts) if parts
+                                                else before.get("exit_status", 1)}
         else:
             runs[path] = earlier["runs"][path]
         held = earlier.get("values", {}).get(path, {})

@@ -72,6 +72,41 @@ def test_a_part_of_a_path_fails_on_what_it_measured_itself(tmp_path, monkeypatch
     assert [p.get("exit_status") for p in run["parts"]] == [None, 0] and run["exit_status"] == 1
 
 
+def test_a_failed_test_run_again_and_passed_by_a_later_part_clears_its_part(tmp_path, monkeypatch):
+    """A part that failed only in tests stops failing its path once a later part has run those
+    tests again and they passed; a failed record or claim, or a test not run again, does not."""
+    monkeypatch.setattr(kernel_paths, "OUT", tmp_path)
+    folder = tmp_path / "sse"
+    folder.mkdir()
+    flaky, other = "tests/test_q.py::test_round_trip", "tests/test_q.py::test_other"
+    (folder / "run.json").write_text(json.dumps({"parts": [
+        {"pytest_args": ["tests", "book"], "exit_status": 1, "failed_tests": [flaky], "failed_checks": []}]}))
+    ran = {}
+
+    def the_suite(cmd, cwd, env):  # pytest with kernel_paths as a plugin: each test's outcome
+        assert cmd[cmd.index("-p", cmd.index("no:cacheprovider")) + 1] == "kernel_paths"
+        with open(env["KERNEL_PATHS_OUTCOMES"], "a") as f:
+            for test, outcome in ran.items():
+                f.write(json.dumps({"name": test, "outcome": outcome}) + "\n")
+        return int("failed" in ran.values())
+    monkeypatch.setattr(kernel_paths.subprocess, "call", the_suite)
+    ran = {other: "passed"}                      # the failed test not run again: still failing
+    assert kernel_paths.run("sse", ["tests/test_q.py::test_other"]) == 0
+    assert json.loads((folder / "run.json").read_text())["exit_status"] == 1
+    ran = {flaky: "failed"}                      # run again and failed again
+    assert kernel_paths.run("sse", [flaky]) == 1
+    run = json.loads((folder / "run.json").read_text())
+    assert run["exit_status"] == 1 and run["parts"][-1]["failed_tests"] == [flaky]
+    ran = {flaky: "passed", other: "passed"}     # run again and passed: both failed parts clear
+    assert kernel_paths.run("sse", ["tests/test_q.py"]) == 0
+    run = json.loads((folder / "run.json").read_text())
+    assert run["parts"][0]["passed_later"] == [flaky] and run["parts"][2]["passed_later"] == [flaky]
+    assert run["exit_status"] == 0
+    assert kernel_paths.status([{"exit_status": 1, "failed_tests": [flaky], "passed_later": [flaky],
+                                 "failed_checks": ["claim: x"]}]) == 1
+    assert kernel_paths.status([{"exit_status": 1}]) == 1 and kernel_paths.status([{}]) == 1
+
+
 def test_a_path_not_run_here_is_kept_from_the_committed_file(tmp_path, monkeypatch):
     """report keeps the committed file's paths that have no run here: deviations recomputed from
     the values it holds against the book as it is now, kept as they were where it holds none;
