@@ -252,11 +252,10 @@ def report() -> int:
         here = measured_here.get(path, set())
         if path in partial:
             before = earlier["runs"][path]
-            # a part already in the committed file (``report`` run twice) is not added again
-            parts = []
-            for part in before.get("parts", []) + runs[path].get("parts", []):
-                if part not in parts:
-                    parts.append(part)
+            # a part already in the committed file (``report`` run twice) is not added again; the
+            # local copy wins (a later part here may have marked its failed tests passed_later)
+            parts = list({(str(p.get("pytest_args")), p.get("date")): p
+                          for p in before.get("parts", []) + runs[path].get("parts", [])}.values())
             runs[path] = before | runs[path] | {"parts": parts, "exit_status": status(parts) if parts
                                                 else before.get("exit_status", 1)}
         else:
