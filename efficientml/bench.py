@@ -1,4 +1,8 @@
-"""Benchmarks that print figures: ``python -m efficientml.bench loader [--dataset ...]``.
+"""Benchmarks that print figures: ``python -m efficientml.bench loader [--dataset ...]``;
+``quantization``, ``pruning``, ``generation``; and Chapter 7's ``roofline`` (this machine's peak
+FLOP/s and bandwidth), ``train`` (the book's training steps: images or tokens per second and
+their utilization of the measured peak, on any device) and ``nanogpt`` (the language model's
+step against nanoGPT's).
 
 Speed targets are checked here, by figures a person reads, not by timed tests.
 """
@@ -185,7 +189,17 @@ def main(argv=None) -> int:
     gb = sub.add_parser("generation", help="language-model generation, tokens per second, with and without a KV cache")
     gb.add_argument("--tokens", type=int, default=200)
     gb.add_argument("--batch", type=int, default=1)
+    rb = sub.add_parser("roofline", help="this machine's peak FLOP/s and memory bandwidth, 1 thread and all")
+    rb.add_argument("--device", default=None)
+    tb = sub.add_parser("train", help="training steps of the ConvNet and the language model: throughput and "
+                                      "utilization of the measured peak")
+    tb.add_argument("--device", default=None)
+    nb = sub.add_parser("nanogpt", help="the book's language-model step against nanoGPT's, timed in alternation")
+    nb.add_argument("--rounds", type=int, default=7)
+    nb.add_argument("--device", default=None)
     a = p.parse_args(argv)
+    if a.what in ("roofline", "train", "nanogpt"):
+        return _chapter7(a)
     if a.what == "generation":
         r = bench_generation(n_tokens=a.tokens, batch=a.batch)
         print(f"LanguageModel (Chapter 6 quick size, context {r['max_len']}), greedy, {r['n_tokens']} tokens, batch "
@@ -216,6 +230,33 @@ def main(argv=None) -> int:
     print(f"  {'TensorLoader (batches made on the device)':50s} {r['tensor_loader']:>10,.0f} images/s")
     print(f"  {'torchvision DataLoader (%d workers, PIL transforms)' % r['workers']:50s} {r['torchvision_dataloader']:>10,.0f} images/s")
     print(f"  speed-up: {r['tensor_loader'] / r['torchvision_dataloader']:.1f}x")
+    return 0
+
+
+def _chapter7(a) -> int:
+    from . import cost
+    from .reproducibility import cpu_model, machine
+    device = select_device(a.device)
+    where = machine(device) + (f" ({cpu_model()})" if device.type == "cpu" else "")
+    if a.what == "nanogpt":
+        r = cost.against_nanogpt(rounds=a.rounds, device=device)
+        print(f"language-model training step, batch 12 x 64 tokens, on {where}; median of {a.rounds} rounds")
+        for name, ms in r["median_ms"].items():
+            print(f"  {name:8s} {ms:8.2f} ms per step   ({r['parameters'][name]:,} parameters)")
+        print(f"  book / nanoGPT step time: {r['ratio']:.3f} (below 1: the book's step is faster)")
+        return 0
+    threads = [torch.get_num_threads()] if device.type != "cpu" else sorted({1, torch.get_num_threads()})
+    roofs = [cost.measure_roofline(t, device) for t in threads]
+    print(f"roofline of {where}: float32 {2048}x{2048} matrix product, 256 MiB copy (fastest block)")
+    for r in roofs:
+        label = f"{r.threads} thread{'s' if r.threads != 1 else ''}" if device.type == "cpu" else str(device)
+        print(f"  {label:10s} peak {r.peak_flops / 1e9:9.1f} GFLOP/s   bandwidth {r.bandwidth / 1e9:7.1f} GB/s   "
+              f"ridge {r.ridge:6.1f} FLOP/byte")
+    if a.what == "train":
+        peak = roofs[-1].peak_flops
+        for sp in cost.training_speeds(device):
+            print(f"  {sp.name:28s} {sp.items_per_s:12,.0f} {sp.unit}/s   {sp.flops_per_s / 1e9:8.1f} GFLOP/s   "
+                  f"utilization {sp.utilization(peak):6.1%} of the measured peak")
     return 0
 
 

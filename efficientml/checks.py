@@ -40,6 +40,7 @@ from typing import Mapping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECORD_PREFIX = "glance:"
+MEASURED_PREFIX = "measured:"   # figures of the machine that executed a chapter: never compared
 MEASURED_DEVICES = ("cpu",)  # where the chapters' tolerances were measured
 
 Scalar = bool | int | float | str | None
@@ -121,21 +122,22 @@ def book_dir() -> Path:
     return Path(os.environ.get("EFFICIENTML_BOOK") or REPO_ROOT / "book")
 
 
-def read_records(notebook: str | os.PathLike) -> dict[str, dict]:
+def read_records(notebook: str | os.PathLike, prefix: str = RECORD_PREFIX) -> dict[str, dict]:
     """``{experiment: {"values": {...}, "tolerance": {...}}}`` of every ``record`` stored in an
-    executed notebook's outputs."""
+    executed notebook's outputs (with ``prefix=MEASURED_PREFIX``: every ``measured``, whose
+    payload holds ``values`` and ``machine``)."""
     nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
     out = {}
     for cell in nb["cells"]:
         for o in cell.get("outputs", []):
             name = o.get("metadata", {}).get("scrapbook", {}).get("name", "")
             text = o.get("data", {}).get("application/papermill.record/text/plain")
-            if name.startswith(RECORD_PREFIX) and text is not None:
+            if name.startswith(prefix) and text is not None:
                 text = "".join(text) if isinstance(text, list) else text
                 payload = json.loads(ast.literal_eval(text))  # glue stores repr(str)
                 if "values" not in payload:  # a record stored before tolerances existed
                     payload = {"values": payload, "tolerance": {}}
-                out[name[len(RECORD_PREFIX):]] = payload
+                out[name[len(prefix):]] = payload
     return out
 
 
@@ -232,6 +234,21 @@ def record(experiment: str, values: Mapping, tolerance: float | Mapping[str, flo
         raise ResultMismatch(f"{experiment}: {len(problems)} of {len(flat)} values differ from the book's:\n  "
                              + "\n  ".join(problems))
     return problems
+
+
+def measured(experiment: str, values: Mapping, device=None) -> None:
+    """Store figures that describe the machine rather than the code (its peak FLOP/s, a step's
+    speed) with the chapter, for the results page, with a line naming the machine. They are
+    never compared with the book's: another machine, or the same one under another load, gives
+    other figures, and a test of them could fail without anything being wrong."""
+    from .reproducibility import cpu_model, machine
+    where = machine(device)
+    payload = {"values": flatten(values), "machine": where + (f" ({cpu_model()})" if where.startswith("cpu") else "")}
+    try:
+        from myst_nb import glue
+        glue(MEASURED_PREFIX + experiment, json.dumps(payload, sort_keys=True), display=False)
+    except ImportError:
+        pass
 
 
 def claim(holds: bool, statement: str, device=None) -> None:

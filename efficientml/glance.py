@@ -56,6 +56,7 @@ class Row:
     fmt: str = "pct"              # pct, nats, x (a ratio), text
     reference: float | str | None = None
     same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
+    measured: bool = False        # a figure of the machine (checks.measured): shown, never checked
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class Chapter:
     notebook: str                 # under book/
     data: str                     # what the quick numbers were computed on
     rows: tuple[Row, ...]
+    one_profile: bool = False     # the chapter runs the same in every profile: no full column to fill
 
 
 # How a full run's result file gives the same keys that the chapter records.
@@ -78,6 +80,8 @@ FULL: dict[str, Callable[[dict], dict]] = {
     "pruning": _last("test_acc"),
     "lora": _last("test_acc"),
     "transformer": lambda r: {"sequence_accuracy": r["sequence_accuracy"]},
+    "cost": lambda r: {},
+    "cost-checked": lambda r: {},
     "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")} | {
         f"finetune/{k}": LN2 * _mean_last(v, "test_loss") for k, v in r.get("finetune", {}).get("runs", {}).items()},
 }
@@ -139,6 +143,23 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("... fully fine-tuned (mean of 3 seeds)", "language-model", "finetune/full", fmt="nats"),
         Row("... LoRA r=4 on the attention projections (mean of 3 seeds)", "language-model", "finetune/lora r=4",
             fmt="nats"))),
+    Chapter(7, "What a model costs on this machine", "07_cost",
+            "the CPU that executed the chapter (2 threads in CI), the models of Chapters 1, 2 and 6", (
+        Row("peak float32 matrix product, all threads (FLOP/s)", "cost", "peak_flops", fmt="G", measured=True),
+        Row("memory bandwidth, all threads (bytes/s, a 256 MiB copy)", "cost", "bandwidth", fmt="G",
+            measured=True),
+        Row("ConvNet training: images per second", "cost", "convnet/items_per_s", fmt="int", measured=True),
+        Row("ConvNet training: utilization of the peak (MFU)", "cost", "convnet/utilization", measured=True),
+        Row("language model training: tokens per second", "cost", "language model/items_per_s", fmt="int",
+            measured=True),
+        Row("language model training: utilization of the peak (MFU)", "cost", "language model/utilization",
+            measured=True),
+        Row("language-model step time, the book's / nanoGPT's (same size and batch)", "cost", "nanogpt_ratio",
+            fmt="x2", measured=True),
+        Row("a running sum of 10,000 x 0.0001 in float16 (exact: 1)", "cost-checked", "running_sum/float16",
+            fmt="nats", same_in_every_profile=True),
+        Row("bfloat16 autocast training: final loss minus float32's (nats)", "cost-checked", "bf16_minus_fp32",
+            fmt="nats")), one_profile=True),
 )
 
 
@@ -153,6 +174,12 @@ def _fmt(value, fmt: str) -> str:
         return f"{value:.3f}"
     if fmt == "x":
         return f"{value:.1f}x"
+    if fmt == "x2":
+        return f"{value:.2f}x"
+    if fmt == "G":
+        return f"{value / 1e9:.1f} G"
+    if fmt == "int":
+        return f"{value:,.0f}"
     return "yes" if value is True else "no" if value is False else str(value)
 
 
@@ -179,20 +206,32 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
     for ch in CHAPTERS:
         quick = read_records(book_dir / f"{ch.notebook}.ipynb")
         tols = read_tolerances(book_dir / f"{ch.notebook}.ipynb")
+        machine_figures = checks.read_records(book_dir / f"{ch.notebook}.ipynb", checks.MEASURED_PREFIX)
         full = {}
-        for exp in {row.experiment for row in ch.rows}:
+        for exp in {row.experiment for row in ch.rows if not ch.one_profile}:
             result = load_result(exp, "full", results_dir)
             full[exp] = None if result is None else FULL[exp](result["results"])
         lines += [f"## {ch.number}. {ch.title}", "",
-                  f"Chapter: [{ch.title}]({ch.notebook}.ipynb). Quick numbers on {ch.data}.", "",
-                  "| result | quick | checked within | full | reference |", "|---|---|---|---|---|"]
+                  f"Chapter: [{ch.title}]({ch.notebook}.ipynb). Quick numbers on {ch.data}."]
+        lines += [f"Figures marked *this machine's* were measured on {m['machine']}, when the chapter was last "
+                  "executed: another machine gives other figures, so they are shown, never checked."
+                  for m in machine_figures.values()][:1]
+        lines += ["", "| result | quick | checked within | full | reference |", "|---|---|---|---|---|"]
         for row in ch.rows:
+            if row.measured:
+                if row.key not in machine_figures.get(row.experiment, {}).get("values", {}):
+                    raise KeyError(f"{ch.notebook}.ipynb stores no measured {row.experiment!r} figure {row.key!r}: "
+                                   f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
+                q = machine_figures[row.experiment]["values"][row.key]
+                lines.append(f"| {row.label} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
+                             f"(a property of the machine) | {_fmt(row.reference, row.fmt) or '—'} |")
+                continue
             if row.key not in quick.get(row.experiment, {}):
                 raise KeyError(f"{ch.notebook}.ipynb records no {row.experiment!r} value {row.key!r}: "
                                f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
             q = quick[row.experiment][row.key]
-            f = full[row.experiment]
-            if row.same_in_every_profile:
+            f = full.get(row.experiment)
+            if row.same_in_every_profile or ch.one_profile:
                 f_text = "(the same in every profile)"
             elif f is None:
                 f_text = "*not run yet*"

@@ -146,3 +146,26 @@ def markdown_table(rows: list[list], headers: list[str]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def plot_roofline(roofs: Sequence, workloads: Sequence = (), ax=None, title: str | None = None):
+    """Chapter 7's roofline on log-log axes: for each ``cost.Roofline`` in ``roofs`` the
+    attainable FLOP/s against arithmetic intensity (FLOP per byte), min(peak, bandwidth x I), its
+    ridge marked; each ``cost.Workload`` as a point at its intensity and measured FLOP/s."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8.5, 5))
+    points = [w.intensity for w in workloads] + [r.ridge for r in roofs]
+    lo, hi = min(points + [1.0]) / 3, max(points + [100.0]) * 3
+    x = np.logspace(np.log10(lo), np.log10(hi), 200)
+    for r, style in zip(roofs, ("-", "--", ":", "-.")):
+        label = f"{r.threads} thread{'s' if r.threads != 1 else ''}: roof"
+        ax.plot(x, np.minimum(r.peak_flops, r.bandwidth * x) / 1e9, "k" + style, lw=1.5, label=label)
+        ax.plot([r.ridge], [r.peak_flops / 1e9], "ko", ms=4)
+    markers = "osD^v<>p*h"
+    for i, w in enumerate(workloads):
+        ax.plot([w.intensity], [w.flops_per_s / 1e9], markers[i % len(markers)], ms=8, label=w.name)
+    ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP per byte moved)",
+           ylabel="GFLOP/s", title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8, loc="lower right")
+    return ax

@@ -48,6 +48,18 @@ def cpu_kernels() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
+def cpu_model() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else ``platform.processor()``)."""
+    import platform
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def machine(device: str | torch.device | None = None) -> str:
     """One line saying where numbers are computed, e.g. ``'cpu, 2 threads, AVX512 kernels'``
     (default device: ``train.select_device()``, where the package trains)."""

@@ -216,6 +216,9 @@ def _call(model: nn.Module, x):
     return model(*x) if isinstance(x, tuple) else model(x)
 
 
+# fit's ``precision``: the dtype autocast computes the forward pass in (float32: no autocast).
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 IGNORE_INDEX = -100  # targets F.cross_entropy leaves out (its default ignore_index): padding
 
 
@@ -274,7 +277,8 @@ class Checkpoint:
     path: Path
     settings: dict
 
-    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule) -> History | None:
+    def load(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
+             scaler: torch.amp.GradScaler | None = None) -> History | None:
         """Restore a saved run into ``model``, ``optimizer`` and ``schedule``; its History, or
         None if there is no file yet."""
         if not self.path.exists():
@@ -292,16 +296,19 @@ class Checkpoint:
         model.load_state_dict(state["model"])        # copied onto the model's device
         optimizer.load_state_dict(state["optimizer"])  # moved to each parameter's device
         schedule.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"])
         if torch.cuda.is_available() and state.get("cuda_rng"):
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return History.from_dict(state["history"])
 
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, schedule: Schedule,
-             history: History) -> None:
+             history: History, scaler: torch.amp.GradScaler | None = None) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
         torch.save({"settings": self.settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": schedule.state_dict(), "history": history.to_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
                     "rng": torch.get_rng_state(),
                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp)
         os.replace(tmp, self.path)  # atomic: an interruption leaves the previous checkpoint intact
@@ -330,11 +337,17 @@ class EpochResult:
 
 def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, schedule: Schedule, epoch: int,
                 history: History, device: torch.device, clip_grad_norm: float | None = None,
-                progress: bool = False) -> EpochResult:
+                progress: bool = False, precision: str = "float32",
+                scaler: torch.amp.GradScaler | None = None, forward: nn.Module | None = None) -> EpochResult:
     """One epoch of training (``epoch`` counts from 0): forward, cross-entropy, backward, optional
     gradient clipping, optimizer step, and the schedule after every iteration. Appends each
     iteration's loss (bits) to ``history.iter_loss`` and its fractional epoch to ``iter_epoch``;
-    a NaN or infinite loss stops the epoch before its step (``EpochResult.diverged_at``)."""
+    a NaN or infinite loss stops the epoch before its step (``EpochResult.diverged_at``).
+
+    precision: the forward pass and loss run under ``torch.autocast`` in this dtype unless it is
+    "float32" (``PRECISIONS``); ``scaler``, a GradScaler, scales the loss before backward (float16).
+    forward: the module that computes the forward pass (e.g. ``torch.compile(model)``), default
+    ``model``; it must share ``model``'s parameters."""
     t0 = time.perf_counter()
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
@@ -343,18 +356,29 @@ def train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, sche
     loss_sum, correct, seen = 0.0, 0, 0
     batches = tqdm(loader, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress,
                    dynamic_ncols=True)
+    forward = model if forward is None else forward
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "float32")
     for i, (x, y) in enumerate(batches):
-        logits, y = _flat(_call(model, _to(x, device)), y.to(device, non_blocking=True))
-        _check_targets(y, logits.shape[-1])
-        loss = F.cross_entropy(logits, y)
+        with autocast:
+            logits, y = _flat(_call(forward, _to(x, device)), y.to(device, non_blocking=True))
+            _check_targets(y, logits.shape[-1])
+            loss = F.cross_entropy(logits, y)        # autocast computes it in float32
         value = loss.item()
         if not math.isfinite(value):
             return EpochResult(math.nan, math.nan, time.perf_counter() - t0, epoch + i / n_batches)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if scaler is None:
+            loss.backward()
+        else:                                        # float16: scaled so small gradients stay nonzero
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)               # true gradients, for clipping
         if clip_grad_norm is not None:
             nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:                                        # skips the step if a gradient overflowed
+            scaler.step(optimizer)
+            scaler.update()
         schedule.after_iteration()
         history.iter_loss.append(value / LN2)
         history.iter_epoch.append(epoch + (i + 1) / n_batches)
@@ -372,7 +396,8 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         decay_2d_only: bool = False,
         callback: Callable[[int, nn.Module, History], None] | None = None,
         device: str | torch.device | None = None, checkpoint: str | os.PathLike | None = None,
-        checkpoint_settings: dict | None = None, progress: bool | None = None, desc: str = "fit") -> History:
+        checkpoint_settings: dict | None = None, progress: bool | None = None, desc: str = "fit",
+        precision: str = "float32", compile: bool = False) -> History:
     """Train ``model`` on ``train_loader`` for ``epochs`` epochs and return its ``History``.
 
     optimizer: ``"sgd"`` (momentum and weight decay as given), ``"adam"``, ``"adamw"``, built over
@@ -390,6 +415,14 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
     checkpoint: a file; after every epoch the run's state is saved there, and a later call with
         the same file and the same settings resumes after the last saved epoch (``Checkpoint``).
         ``checkpoint_settings``: more settings the file must match (e.g. the data's).
+    precision: ``"float32"`` (the default: no autocast), ``"bfloat16"`` or ``"float16"``: the
+        forward pass and the loss of training run under ``torch.autocast`` in that dtype (matrix
+        products in it, reductions and the loss in float32; the weights, gradients and optimizer
+        stay float32). float16 also scales the loss (``torch.amp.GradScaler``), so that small
+        gradients do not round to zero; its state is saved in the checkpoint. Evaluation runs
+        in float32. (Chapter 7.)
+    compile: if True, training's forward passes run through ``torch.compile(model)`` (the first
+        batch pays the compilation); evaluation runs the model as it is. (Chapter 7.)
     Loaders are ``TensorLoader``s or any sized iterable of (x, y) batches, where x may be a tuple
     of inputs (``model(*x)``) and the model may output sequences, logits (B, T, V) for targets
     (B, T), whose loss and accuracy are then per token; targets are class indices (or -100,
@@ -400,6 +433,10 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if clip_grad_norm is not None and not (clip_grad_norm > 0 and math.isfinite(clip_grad_norm)):
         raise ValueError(f"clip_grad_norm must be a positive number (or None), got {clip_grad_norm}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
     n_batches = len(train_loader)
     if n_batches == 0:
         raise ValueError("the training loader gives no batches")
@@ -418,6 +455,8 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
     schedule = Schedule(opt, scheduler, epochs=epochs, milestones=milestones, gamma=gamma, warmup=warmup,
                         total_steps=max(1, epochs * n_batches))
     history = History()
+    scaler = torch.amp.GradScaler(device.type) if precision == "float16" else None
+    forward = torch.compile(model) if compile else model
     ckpt = None
     if checkpoint is not None:
         sched_name = _name(scheduler, "scheduler")
@@ -428,8 +467,9 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
             "milestones": milestones, "gamma": gamma, "warmup": warmup, "clip_grad_norm": clip_grad_norm,
             "batches_per_epoch": n_batches, "model": type(model).__name__,
             "parameters": {k: list(v.shape) for k, v in model.state_dict().items()},
-        } | {f"extra/{k}": v for k, v in (checkpoint_settings or {}).items()}))
-        history = ckpt.load(model, opt, schedule) or history
+        } | ({"precision": precision} if precision != "float32" else {})  # (older files: float32)
+          | {f"extra/{k}": v for k, v in (checkpoint_settings or {}).items()}))
+        history = ckpt.load(model, opt, schedule, scaler) or history
         if history.epochs > epochs:
             raise ValueError(f"checkpoint {checkpoint} holds {history.epochs} epochs, more than the {epochs} asked "
                              "for: delete it or write elsewhere to start this run")
@@ -441,7 +481,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
             break
         epoch_lr = opt.param_groups[0]["lr"]
         result = train_epoch(model, train_loader, opt, schedule, epoch, history, device, clip_grad_norm,
-                             progress=not quiet)
+                             progress=not quiet, precision=precision, scaler=scaler, forward=forward)
         if result.diverged_at is not None:
             history.diverged_at = result.diverged_at
             bar.set_postfix_str(f"diverged at epoch {history.diverged_at:.2f}")
@@ -460,7 +500,7 @@ def fit(model: nn.Module, train_loader, test_loader=None, *, epochs: int, lr: fl
         if callback is not None:
             callback(epoch + 1, model, history)
         if ckpt is not None:
-            ckpt.save(model, opt, schedule, history)
+            ckpt.save(model, opt, schedule, history, scaler)
         bar.update(1)
         bar.set_postfix(loss=f"{history.train_loss[-1]:.3f}b", test_acc=f"{test_acc:.3f}")
     bar.close()

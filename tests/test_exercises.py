@@ -149,3 +149,18 @@ def test_chapter1_exercise4_moves_the_milestones(data_dir, monkeypatch, seeded):
     assert {"train loss", "train acc", "test acc", "best test acc"} <= set(moved)
     assert moved["test acc"].values == (multistep.test_acc[-1],)
     assert 0.0 <= moved["test acc"].mean <= 1.0
+
+
+CH7 = BOOK / "07_cost.ipynb"
+
+
+def test_chapter7_exercise1_solution_passes_the_check_and_finds_the_crossing(capsys):
+    from efficientml import cost
+    (snippet,) = exercise_snippets(CH7)[1]
+    assert {"cost", "roof"} <= free_names(snippet)  # (and the function's own arguments)
+    ns = {"cost": cost, "roof": cost.Roofline(peak_flops=200e9, bandwidth=40e9, threads=2, device="cpu")}
+    exec(snippet, ns)
+    out = capsys.readouterr().out
+    assert "agrees with 2mnk" in out
+    m = ns["crossing"]   # the first batch whose first-layer product exceeds a ridge of 5 FLOP/byte
+    assert ns["gemm_intensity"](m, 256, 784) > 5 >= ns["gemm_intensity"](m - 1, 256, 784)

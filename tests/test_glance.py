@@ -5,6 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from efficientml import checks
 from efficientml.glance import CHAPTERS, FULL, build_page, read_records
 from efficientml.train import History
 
@@ -14,8 +15,20 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 def test_every_chapter_records_every_headline_number():
     for ch in CHAPTERS:
         records = read_records(BOOK / f"{ch.notebook}.ipynb")
+        figures = checks.read_records(BOOK / f"{ch.notebook}.ipynb", checks.MEASURED_PREFIX)
         for row in ch.rows:
-            assert row.key in records.get(row.experiment, {}), (ch.notebook, row.experiment, row.key)
+            stored = figures.get(row.experiment, {}).get("values", {}) if row.measured else records.get(row.experiment, {})
+            assert row.key in stored, (ch.notebook, row.experiment, row.key)
+
+
+def test_machine_figures_are_shown_as_this_machines_and_never_checked(tmp_path):
+    page = build_page(results_dir=tmp_path)
+    figures = checks.read_records(BOOK / "07_cost.ipynb", checks.MEASURED_PREFIX)["cost"]
+    assert f"measured on {figures['machine']}" in page
+    row = next(line for line in page.splitlines() if line.startswith("| peak float32 matrix product"))
+    assert f"| {figures['values']['peak_flops'] / 1e9:.1f} G |" in row and "not checked: *this machine's*" in row
+    checked = next(line for line in page.splitlines() if line.startswith("| bfloat16 autocast training"))
+    assert "± 0.02" in checked and "(the same in every profile)" in checked
 
 
 def test_page_shows_the_recorded_quick_numbers_and_no_full_runs(tmp_path):
@@ -27,7 +40,7 @@ def test_page_shows_the_recorded_quick_numbers_and_no_full_runs(tmp_path):
     assert f"{lm['val_loss_nats']:.3f}" in page
     table_rows = [line for line in page.splitlines() if line.startswith("| ") and "---" not in line]
     assert sum("*not run yet*" in line for line in table_rows) == sum(
-        1 for ch in CHAPTERS for row in ch.rows if not row.same_in_every_profile)
+        1 for ch in CHAPTERS for row in ch.rows if not (row.same_in_every_profile or ch.one_profile))
     for ch in CHAPTERS:
         assert f"## {ch.number}. {ch.title}" in page and f"]({ch.notebook}.ipynb)" in page
 

@@ -371,3 +371,46 @@ def test_engine_makes_every_tensor_on_the_data_s_device_and_none_in_float64(smal
                     checkpoint=tmp_path / "c.pt", device="cpu", progress=False)
         evaluate(model, loaders[1])
     assert h.epochs == 2
+
+
+# -- Chapter 7: fit(precision=..., compile=...) ---------------------------------------------
+
+def test_bfloat16_autocast_trains_like_float32(small):
+    _, h32 = _run(small, epochs=2)
+    _, hbf = _run(small, epochs=2, precision="bfloat16")
+    assert hbf.train_loss != h32.train_loss                     # autocast did compute in bf16
+    assert abs(hbf.train_loss[-1] - h32.train_loss[-1]) < 0.05  # bits
+    assert abs(hbf.test_acc[-1] - h32.test_acc[-1]) < 0.05
+
+
+def test_float16_scales_the_loss_and_resumes_its_scale(small, tmp_path, monkeypatch):
+    scales = []
+    real_update = torch.amp.GradScaler.update
+
+    def update(self, *a, **kw):
+        real_update(self, *a, **kw)
+        scales.append(self.get_scale())
+    monkeypatch.setattr(torch.amp.GradScaler, "update", update)
+    ckpt = tmp_path / "fp16.pt"
+    _, h = _run(small, epochs=1, precision="float16", checkpoint=ckpt)
+    assert len(scales) == len(h.iter_loss) and not h.diverged
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["scaler"]["scale"] == scales[-1] and saved["settings"]["precision"] == "float16"
+    with pytest.raises(ValueError, match="precision"):          # a float32 run may not resume it
+        _run(small, epochs=2, checkpoint=ckpt)
+    _, h2 = _run(small, epochs=2, precision="float16", checkpoint=ckpt)
+    assert h2.epochs == 2 and h2.train_loss[0] == h.train_loss[0]
+
+
+def test_compiled_training_computes_what_eager_does(small):
+    _, eager = _run(small, epochs=1)
+    _, compiled = _run(small, epochs=1, compile=True)
+    assert compiled.train_loss[0] == pytest.approx(eager.train_loss[0], abs=1e-4)
+    assert compiled.test_loss[0] == pytest.approx(eager.test_loss[0], abs=1e-4)
+
+
+def test_precision_and_compile_reject_bad_values(small):
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, float16"):
+        _run(small, epochs=1, precision="fp8")
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        _run(small, epochs=1, compile="yes")

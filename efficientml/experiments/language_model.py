@@ -50,12 +50,14 @@ def language_model_data(s: dict, device=None):
             TokenBatches(val, s["block_size"], s["val_batch_size"], s["val_batches"], s["seed"] + 1, device))
 
 
-def train_language_model(s: dict, device=None, progress=None, out_dir: Path | None = None):
+def train_language_model(s: dict, device=None, progress=None, out_dir: Path | None = None,
+                         precision: str = "float32", compile: bool = False):
     """Train a ``LanguageModel`` with AdamW (weight decay on the 2-D weights only if
     ``s["decay_2d_only"]``, as nanoGPT), warm-up + cosine schedule and gradient clipping; an
     "epoch" is ``steps_per_epoch`` random batches, after which the validation loss is measured
     on the same ``val_batches`` windows every time. Returns (model, History, tokenizer, train
-    tokens, validation tokens); History losses are in bits per character."""
+    tokens, validation tokens); History losses are in bits per character. ``precision`` and
+    ``compile`` are ``fit``'s (Chapter 7)."""
     seed_for(s["seed"], device)
     device = select_device(device)
     tok, train, val, train_batches, val_batches = language_model_data(s, device)
@@ -64,7 +66,8 @@ def train_language_model(s: dict, device=None, progress=None, out_dir: Path | No
     hist = fit(model, train_batches, val_batches, epochs=s["epochs"], lr=s["lr"], optimizer="adamw",
                weight_decay=s["weight_decay"], decay_2d_only=s["decay_2d_only"], scheduler="warmup-cosine",
                warmup=s["warmup"], clip_grad_norm=s["clip_grad_norm"], device=device,
-               checkpoint=_checkpoint(out_dir, "language-model", s), progress=progress, desc="language model")
+               checkpoint=_checkpoint(out_dir, "language-model", s), progress=progress, desc="language model",
+               precision=precision, compile=compile)
     return model, hist, tok, train, val
 
 
