@@ -2,7 +2,8 @@
 
 One obvious home for each idea: ``data`` (data sets and the tensor-resident loader), ``train``
 (``fit``, the one training engine), ``models``, ``quantization``, ``pruning``, ``lora``,
-``transformer``, ``ngram`` (a language model's baselines), ``plots``, ``reproducibility``,
+``transformer``, ``ngram`` (a language model's baselines), ``cost`` (timing, the roofline,
+utilization, precision: Chapter 7), ``nanogpt`` (its yardstick), ``plots``, ``reproducibility``,
 ``profiles`` and ``results`` (quick/full profiles, JSON results with provenance),
 ``experiments`` (what the CLI runs).
 """

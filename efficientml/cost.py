@@ -96,7 +96,7 @@ def matmul_flops(n: int = 2048, threads: int | None = None, device=None, dtype=t
     calls (a roof is the best the machine does; workloads are timed by their median)."""
     device = select_device(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device, dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, generator=g, device="cpu").to(device, dtype) for _ in range(2))
     return gemm_flops(n, n, n) / min(measure(lambda: a @ b, min_run_time, threads).times)
 
 
@@ -111,12 +111,14 @@ def copy_bandwidth(n_bytes: int = 2 ** 28, threads: int | None = None, device=No
     return 2 * src.numel() * 4 / min(measure(lambda: dst.copy_(src), min_run_time, threads).times)
 
 
-def measure_roofline(threads: int | None = None, device=None, n: int = 2048) -> Roofline:
-    """This machine's roofline at ``threads`` threads (default: torch's current count)."""
+def measure_roofline(threads: int | None = None, device=None, n: int = 2048,
+                     min_run_time: float = 0.5) -> Roofline:
+    """This machine's roofline at ``threads`` threads (default: torch's current count) on
+    ``device`` (default: ``train.select_device()``; on a GPU the thread count is the CPU's)."""
     device = select_device(device)
     threads = torch.get_num_threads() if threads is None else threads
-    return Roofline(matmul_flops(n, threads, device), copy_bandwidth(threads=threads, device=device),
-                    threads, str(device))
+    return Roofline(matmul_flops(n, threads, device, min_run_time=min_run_time),
+                    copy_bandwidth(threads=threads, device=device, min_run_time=min_run_time), threads, str(device))
 
 
 # -- Counting the work: FLOP and bytes of every matrix product ----------------------------------
@@ -187,8 +189,9 @@ def workload(name: str, fn: Callable[[], object], min_run_time: float = 0.3, thr
     return Workload(name, w.flops, w.bytes, t)
 
 
-def book_workloads(threads: int | None = None, min_run_time: float = 0.3) -> list[Workload]:
-    """The book's own computations at the sizes its chapters run them, on the CPU, untrained
+def book_workloads(threads: int | None = None, min_run_time: float = 0.3, device=None) -> list[Workload]:
+    """The book's own computations at the sizes its chapters run them, on ``device`` (default:
+    ``train.select_device()``), untrained
     weights (speed does not depend on their values): the ConvNet of Chapters 1 and 3 (a training
     batch of 128 Fashion-MNIST images), the MLP of Chapter 2 (batch 128 and a single image), the
     two attention products of Chapter 6's model (a training batch, 12 windows of 64), and that
@@ -196,13 +199,14 @@ def book_workloads(threads: int | None = None, min_run_time: float = 0.3) -> lis
     with its KV cache (decode, batch 1)."""
     from .models import MLP, ConvNet
     from .transformer import LanguageModel, attention, causal_mask
+    device = select_device(device)
     torch.manual_seed(0)
-    conv, mlp = ConvNet(1, 10).eval(), MLP(784, (256, 128), 10).eval()
-    lm = LanguageModel(65, 128, 4, 4, 512, max_len=64).eval()
-    images, one = torch.randn(128, 1, 28, 28), torch.randn(1, 1, 28, 28)
-    q, k, v = (torch.randn(12, 4, 64, 32) for _ in range(3))
-    mask = causal_mask(64)
-    prompt = torch.randint(0, 65, (1, 64))
+    conv, mlp = ConvNet(1, 10).eval().to(device), MLP(784, (256, 128), 10).eval().to(device)
+    lm = LanguageModel(65, 128, 4, 4, 512, max_len=64).eval().to(device)
+    images, one = torch.randn(128, 1, 28, 28, device=device), torch.randn(1, 1, 28, 28, device=device)
+    q, k, v = (torch.randn(12, 4, 64, 32, device=device) for _ in range(3))
+    mask = causal_mask(64, device)
+    prompt = torch.randint(0, 65, (1, 64), device=device)
 
     def decode():
         caches = [{} for _ in lm.layers]
@@ -402,7 +406,7 @@ def profile_step(step: Callable[[], object], steps: int = 5, top: int = 8) -> di
 def running_sum(values: torch.Tensor, dtype: torch.dtype) -> float:
     """Add ``values`` one at a time into an accumulator of ``dtype`` (each partial sum rounded
     to ``dtype``), as a naive loop with a low-precision accumulator would: returns the sum."""
-    acc = torch.zeros((), dtype=dtype)
+    acc = torch.zeros((), dtype=dtype, device=values.device)
     for v in values.to(dtype):
         acc = acc + v
     return float(acc)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
+from . import cost
 from .bench import bench_generation, latency
 from .compression import load_compressed, save_compressed
 from .data import load_text
@@ -390,12 +391,34 @@ def chapter6_helpers(device: torch.device, tmp: Path) -> str:
             f"LoRA r=1 fine-tuned ({cost['trainable']:,} trainable), {merged} merged")
 
 
+def chapter7_helpers(device: torch.device, tmp: Path) -> str:
+    """Chapter 7's cells on the device, briefly: a roofline (a small product and a copy), the
+    book's workloads counted and timed, both training steps' speeds and utilization, the step
+    against nanoGPT, a profiled step, and a tiny language model trained with bfloat16 autocast
+    (``fit(precision=...)``). Times are only required to be positive."""
+    roof = cost.measure_roofline(device=device, n=256, min_run_time=0.02)
+    loads = cost.book_workloads(device=device, min_run_time=0.02)
+    speeds = cost.training_speeds(device, min_run_time=0.02)
+    vs = cost.against_nanogpt(rounds=1, steps=1, device=device)
+    prof = cost.profile_step(cost.language_model_step(device)[0], steps=1, top=3)
+    _expect(roof.peak_flops > 0 and roof.bandwidth > 0 and all(w.seconds > 0 and w.flops > 0 for w in loads),
+            "a roof or a workload measured nothing")
+    _expect(all(sp.utilization(roof.peak_flops) > 0 for sp in speeds) and vs["ratio"] > 0, "no training speed")
+    _expect(set(prof["phases"]) == {"forward", "backward", "optimizer"}, f"profiled phases {set(prof['phases'])}")
+    s = _tiny("language-model", block_size=8, batch_size=4, val_batch_size=4)
+    _, hist, *_ = train_language_model(s, device, progress=False, precision="bfloat16")
+    _expect(all(math.isfinite(x) for x in hist.train_loss + hist.test_loss), "bfloat16 training: a loss not finite")
+    return (f"roofline ({roof.peak_flops / 1e9:.0f} GFLOP/s at n=256), {len(loads)} workloads, "
+            f"{len(speeds)} training speeds, nanoGPT ratio, profiled step, bfloat16 autocast training")
+
+
 HELPER_CHECKS: dict[str, Callable[[torch.device, Path], str]] = {
     "chapter 2 helpers": chapter2_helpers,
     "chapter 3 helpers": chapter3_helpers,
     "chapter 4 helpers": chapter4_helpers,
     "chapter 5 helpers": chapter5_helpers,
     "chapter 6 helpers": chapter6_helpers,
+    "chapter 7 helpers": chapter7_helpers,
 }
 
 

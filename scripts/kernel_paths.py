@@ -89,6 +89,10 @@ def run(path: str, extra: list[str]) -> int:
     # EFFICIENTML_CHECK=off: a record or claim that fails is reported, not raised, so that every
     # record and every claim of a chapter is measured; the path fails if any did (below)
     env = env | {"EFFICIENTML_RECORD_DIR": str(folder), "EFFICIENTML_CHECK": "off"}
+    # Inductor (torch.compile, Chapter 7) caches compiled kernels under a key that does not
+    # include ATEN_CPU_CAPABILITY: a cache shared between paths loaded AVX-512 kernels into an
+    # AVX2 run (NaN outputs) and AVX2 kernels into a native one (heap corruption). One cache each.
+    env = env | {"TORCHINDUCTOR_CACHE_DIR": str(folder / "inductor-cache")}
     start = {kind: _lines(folder, kind) for kind in ("records", "claims")}  # a part's own entries follow
     outcomes = folder / "outcomes.jsonl"  # this part's test outcomes (pytest_runtest_logreport)
     outcomes.unlink(missing_ok=True)

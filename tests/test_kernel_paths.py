@@ -63,6 +63,7 @@ def test_a_part_of_a_path_fails_on_what_it_measured_itself(tmp_path, monkeypatch
 
     def the_suite(cmd, cwd, env):  # what the chapter's record and claim write under CHECK=off
         assert env["EFFICIENTML_CHECK"] == "off" and env["ATEN_CPU_CAPABILITY"] == "default"
+        assert env["TORCHINDUCTOR_CACHE_DIR"] == str(folder / "inductor-cache")  # one per path
         with open(f"{env['EFFICIENTML_RECORD_DIR']}/claims.jsonl", "a") as f:
             f.write(json.dumps({"name": "a claim", "holds": True}) + "\n")
         return 0
