@@ -121,6 +121,18 @@ def measure_roofline(threads: int | None = None, device=None, n: int = 2048,
                     copy_bandwidth(threads=threads, device=device, min_run_time=min_run_time), threads, str(device))
 
 
+VOCAB = 65  # the distinct characters of Tiny Shakespeare: Chapter 6's vocabulary
+
+
+def chapter6_language_model(device=None):
+    """(Chapter 6's quick language model, untrained, on ``device``; its settings ``LM_QUICK``)."""
+    from .experiments.language_model import LM_QUICK as s
+    from .transformer import LanguageModel
+    model = LanguageModel(VOCAB, s["d_model"], s["n_heads"], s["n_layers"], s["d_ff"], s["dropout"],
+                          max_len=s["block_size"])
+    return model.to(select_device(device)), s
+
+
 # -- Counting the work: FLOP and bytes of every matrix product ----------------------------------
 
 class WorkCounter(torch.overrides.TorchFunctionMode):
@@ -198,27 +210,23 @@ def book_workloads(threads: int | None = None, min_run_time: float = 0.3, device
     language model reading a 64-character prompt (prefill) and producing one more character
     with its KV cache (decode, batch 1)."""
     from .models import MLP, ConvNet
-    from .transformer import LanguageModel, attention, causal_mask
+    from .transformer import attention, causal_mask
     device = select_device(device)
     torch.manual_seed(0)
     conv, mlp = ConvNet(1, 10).eval().to(device), MLP(784, (256, 128), 10).eval().to(device)
-    lm = LanguageModel(65, 128, 4, 4, 512, max_len=64).eval().to(device)
+    lm, s = chapter6_language_model(device)
+    lm.eval()
+    t, h = s["block_size"], s["n_heads"]
     images, one = torch.randn(128, 1, 28, 28, device=device), torch.randn(1, 1, 28, 28, device=device)
-    q, k, v = (torch.randn(12, 4, 64, 32, device=device) for _ in range(3))
-    mask = causal_mask(64, device)
-    prompt = torch.randint(0, 65, (1, 64), device=device)
+    q, k, v = (torch.randn(s["batch_size"], h, t, s["d_model"] // h, device=device) for _ in range(3))
+    mask = causal_mask(t, device)
+    prompt = torch.randint(0, VOCAB, (1, t), device=device)
+    caches = [{} for _ in lm.layers]
+    with torch.no_grad():
+        lm(prompt[:, :-1], caches=caches)                   # the cache of the first t - 1 positions
 
-    def decode():
-        caches = [{} for _ in lm.layers]
-        with torch.no_grad():
-            lm(prompt[:, :63], caches=caches)
-        return caches
-
-    caches = decode()
-    last = prompt[:, 63:]
-
-    def step():  # the cache is copied so that every timed call sees 63 cached positions
-        return lm(last, start=63, caches=[{"k": c["k"], "v": c["v"]} for c in caches])
+    def step():  # the cache is copied so that every timed call sees t - 1 cached positions
+        return lm(prompt[:, -1:], start=t - 1, caches=[{"k": c["k"], "v": c["v"]} for c in caches])
 
     return [workload("ConvNet, batch 128", lambda: conv(images), min_run_time, threads),
             workload("MLP, batch 128", lambda: mlp(images), min_run_time, threads),
@@ -294,7 +302,7 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     (the images need none). ``models.count_macs`` counts the MACs."""
     from .models import count_macs
     first = next(m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    macs, x = 0, None
+    macs = 0
 
     def hook(m, inp, out):
         nonlocal macs
@@ -307,19 +315,21 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return 6 * total - 2 * macs
 
 
-def language_model_step(device=None, batch: int = 12, block: int = 64, vocab: int = 65):
+def language_model_step(device=None):
     """(step, model, (tokens per step, FLOP per token, "tokens")): Chapter 6's quick language
-    model on a batch of random windows, AdamW with decay on 2-D weights and clipping as it trains."""
+    model on a batch of random windows of its batch size and context, AdamW with its learning
+    rate, decay on 2-D weights and clipping, as it trains."""
     from .train import param_groups
-    from .transformer import LanguageModel, MatmulCounter
+    from .transformer import MatmulCounter
     device = select_device(device)
     torch.manual_seed(0)
-    model = LanguageModel(vocab, 128, 4, 4, 512, 0.0, max_len=block).to(device)
-    x, y = (torch.randint(0, vocab, (batch, block), device=device) for _ in range(2))
+    model, s = chapter6_language_model(device)
+    tokens = s["batch_size"] * s["block_size"]
+    x, y = (torch.randint(0, VOCAB, (s["batch_size"], s["block_size"]), device=device) for _ in range(2))
     with torch.no_grad(), MatmulCounter() as c:
         model(x)
-    opt = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3)
-    return train_step(model, opt, x, y, clip=1.0), model, (batch * block, 6 * c.macs // (batch * block), "tokens")
+    opt = torch.optim.AdamW(param_groups(model, s["weight_decay"]), lr=s["lr"])
+    return train_step(model, opt, x, y, clip=s["clip_grad_norm"]), model, (tokens, 6 * c.macs // tokens, "tokens")
 
 
 def training_speeds(device=None, min_run_time: float = 1.0) -> list[TrainingSpeed]:
@@ -340,9 +350,10 @@ def against_nanogpt(rounds: int = 7, steps: int = 10, device=None) -> dict:
     from .nanogpt import NanoGPT, nanogpt_optimizer, nanogpt_step
     device = select_device(device)
     book, model, _ = language_model_step(device)
-    x, y = (torch.randint(0, 65, (12, 64), device=device) for _ in range(2))
+    from .experiments.language_model import LM_QUICK as s
+    x, y = (torch.randint(0, VOCAB, (s["batch_size"], s["block_size"]), device=device) for _ in range(2))
     torch.manual_seed(0)
-    nano = NanoGPT(65).to(device)
+    nano = NanoGPT(VOCAB, s["d_model"], s["n_heads"], s["n_layers"], s["block_size"]).to(device)
     opt = nanogpt_optimizer(nano)
     runs = {"book": book, "nanoGPT": lambda: nanogpt_step(nano, opt, x, y)}
     ms = {k: [] for k in runs}

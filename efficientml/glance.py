@@ -218,18 +218,16 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
                   for m in machine_figures.values()][:1]
         lines += ["", "| result | quick | checked within | full | reference |", "|---|---|---|---|---|"]
         for row in ch.rows:
+            stored = (machine_figures.get(row.experiment, {}).get("values", {}) if row.measured
+                      else quick.get(row.experiment, {}))
+            if row.key not in stored:
+                raise KeyError(f"{ch.notebook}.ipynb records no {row.experiment!r} value {row.key!r}: "
+                               f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
+            q = stored[row.key]
             if row.measured:
-                if row.key not in machine_figures.get(row.experiment, {}).get("values", {}):
-                    raise KeyError(f"{ch.notebook}.ipynb stores no measured {row.experiment!r} figure {row.key!r}: "
-                                   f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
-                q = machine_figures[row.experiment]["values"][row.key]
                 lines.append(f"| {row.label} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
                              f"(a property of the machine) | {_fmt(row.reference, row.fmt) or '—'} |")
                 continue
-            if row.key not in quick.get(row.experiment, {}):
-                raise KeyError(f"{ch.notebook}.ipynb records no {row.experiment!r} value {row.key!r}: "
-                               f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
-            q = quick[row.experiment][row.key]
             f = full.get(row.experiment)
             if row.same_in_every_profile or ch.one_profile:
                 f_text = "(the same in every profile)"
