@@ -3,7 +3,8 @@
 One obvious home for each idea: ``data`` (data sets and the tensor-resident loader), ``train``
 (``fit``, the one training engine), ``models``, ``quantization``, ``pruning``, ``lora``,
 ``transformer``, ``ngram`` (a language model's baselines), ``cost`` (timing, the roofline,
-utilization, precision: Chapter 7), ``nanogpt`` (its yardstick), ``plots``, ``reproducibility``,
+utilization, precision: Chapter 7), ``nanogpt`` (its yardstick), ``parallel`` (memory of a step, checkpointing,
+accumulation, data parallelism, sharded optimizer state: Chapter 8, in progress), ``plots``, ``reproducibility``,
 ``profiles`` and ``results`` (quick/full profiles, JSON results with provenance),
 ``experiments`` (what the CLI runs).
 """

@@ -344,6 +344,14 @@ def _peak_cuda_bytes(fn, args, device: torch.device) -> int:
 
 def _peak_cpu_bytes(fn, args) -> int:
     """``peak_memory_bytes`` on the CPU, from the profiler's memory events (bytes, time order)."""
+    return cpu_memory_levels(fn, *args)[0]
+
+
+def cpu_memory_levels(fn, *args) -> tuple[int, int]:
+    """(peak, end): the most bytes allocated on the CPU at once while ``fn(*args)`` ran, and the
+    bytes still allocated when it returned (what it left alive, e.g. the tensors a forward pass
+    keeps for the backward), both above the level when it started; from every allocation and
+    free the PyTorch profiler records, summed in time order."""
     from torch.profiler import ProfilerActivity, profile
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn(*args)
@@ -355,4 +363,4 @@ def _peak_cpu_bytes(fn, args) -> int:
     for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in events):
         level += nbytes
         peak = max(peak, level)
-    return peak
+    return peak, level
