@@ -256,9 +256,11 @@ def freeze(model: nn.Module, trainable: Iterable[str] = (), *, up_to: str | None
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held in ``optimizer``'s state tensors (momentum buffers, Adam's moments), i.e. what
-    training costs in memory beyond the weights and their gradients. Zero before the first step."""
-    return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-               for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    training costs in memory beyond the weights and their gradients. Zero before the first step.
+    Of a sharded tensor (FSDP2's ``DTensor``) only this process's shard is counted."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for state in optimizer.state.values()
+             for t in state.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local if t.dim() > 0)
 
 
 def _storages(tensors) -> set[int]:

@@ -4,7 +4,8 @@ checkpointing, gradient accumulation, data parallelism and sharded optimizer sta
 - **Memory of a step**: ``model_state_bytes`` (parameters, gradients, optimizer state: the
   formula), ``layer_activation_bytes`` and ``activation_bytes`` (what autograd saves in the
   forward pass of Chapter 6's language model, counted tensor by tensor), ``StepMemory`` and
-  ``step_memory`` (all of it measured), ``language_model_parameters``.
+  ``step_memory`` (all of it measured), ``language_model_parameters``,
+  ``check_layer_activation_bytes`` (the chapter's exercise).
 - **Recomputation**: ``Checkpointed`` wraps a block so that ``torch.utils.checkpoint`` keeps only
   its input and recomputes the rest in the backward pass; ``checkpoint_blocks``.
 - **Accumulation**: ``accumulate_gradients``: k micro-batches, one update.
@@ -14,13 +15,15 @@ checkpointing, gradient accumulation, data parallelism and sharded optimizer sta
   handled.
 - **Data parallelism**: ``allreduce_gradients`` (the minimal version, on the page),
   ``train_data_parallel`` (one training run: one process, the minimal all-reduce, PyTorch's
-  ``DistributedDataParallel``, or DDP with ``ZeroRedundancyOptimizer``), ``allreduce_times``.
+  ``DistributedDataParallel``, DDP with ``ZeroRedundancyOptimizer``, or FSDP2's
+  ``fully_shard``), ``allreduce_times``.
 """
 from __future__ import annotations
 
 import socket
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -102,6 +105,30 @@ def activation_bytes(batch: int, seq: int, d_model: int, n_heads: int, d_ff: int
     b, t, d = batch, seq, d_model
     return (n_layers * layer_activation_bytes(b, t, d, n_heads, d_ff) + 8 * b * t
             + 4 * (2 * b * t * d + 2 * b * t))
+
+
+def check_layer_activation_bytes(fn: Callable[..., int]) -> None:
+    """Chapter 8's exercise: check a reader's ``fn(batch, seq, d_model, n_heads, d_ff)``, the
+    bytes autograd saves in one block of Chapter 6's language model, against a measurement:
+    what a model of two blocks saves minus what the same model of one block saves
+    (``lora.saved_activation_bytes``), on several shapes. Raises AssertionError naming the first
+    shape where they differ and by how much; prints what passed."""
+    from .transformer import LanguageModel
+    shapes = [(2, 8, 16, 2, 32), (3, 16, 16, 4, 64), (4, 5, 24, 3, 40), (1, 32, 8, 1, 8)]
+    for b, t, d, h, f in shapes:
+        x = torch.zeros(b, t, dtype=torch.long)
+        measured = []
+        for n in (1, 2):
+            torch.manual_seed(0)
+            measured.append(saved_activation_bytes(LanguageModel(11, d, h, n, f, 0.0, max_len=t), x))
+        want = measured[1] - measured[0]
+        got = fn(b, t, d, h, f)
+        call = f"layer_activation_bytes(batch={b}, seq={t}, d_model={d}, n_heads={h}, d_ff={f})"
+        if isinstance(got, bool) or not isinstance(got, (int, float)):
+            raise AssertionError(f"{call} returned {type(got).__name__}, not a number of bytes")
+        if got != want:
+            raise AssertionError(f"{call} = {got}, measured {want} bytes ({want - got:+} missing)")
+    print(f"layer_activation_bytes equals the measured bytes of a block on all {len(shapes)} shapes")
 
 
 @dataclass
@@ -331,7 +358,7 @@ def allreduce_gradients(model: nn.Module) -> None:
             p.grad /= world
 
 
-MODES = ("single", "allreduce", "ddp", "zero")
+MODES = ("single", "allreduce", "ddp", "zero", "fsdp")
 
 
 def _language_model(s: dict, vocab: int) -> nn.Module:
@@ -359,6 +386,14 @@ def _trainer(rank: int, world_size: int, s: dict, mode: str, vocab: int):
     net = model
     if mode in ("ddp", "zero"):  # gradients kept in DDP's buckets, not copied out of them
         net = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+    if mode == "fsdp":  # FSDP2: each block's parameters sharded, gathered only while in use
+        from torch.distributed.fsdp import fully_shard
+        # the model's output is a view (a Linear on 3-D input); nothing modifies it in place,
+        # which is what FSDP2's warning is about
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        for block in model.layers:
+            fully_shard(block)
+        fully_shard(model)
     groups = param_groups(model, s["weight_decay"])
     if mode == "zero":
         from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -393,7 +428,9 @@ def train_data_parallel(rank: int, world_size: int, s: dict, mode: str = "single
     "allreduce" (``allreduce_gradients`` after each backward pass), "ddp" (PyTorch's
     ``DistributedDataParallel``), "zero" (DDP, and ``ZeroRedundancyOptimizer``: each process
     keeps the AdamW state of only its share of the parameters, updates that share and
-    broadcasts it). Every process starts from the same weights (seed ``s["seed"]``) and draws
+    broadcasts it), "fsdp" (FSDP2's ``fully_shard`` on every block and on the model: each
+    process keeps its share of the parameters, gradients and AdamW state, ZeRO stage 3; a
+    block's parameters are gathered only while it computes). Every process starts from the same weights (seed ``s["seed"]``) and draws
     the same batches (Chapter 6's ``TokenBatches`` over its training split).
 
     Returns ``losses`` (the whole batch's mean loss at each step, averaged over the processes),
@@ -421,7 +458,7 @@ def train_data_parallel(rank: int, world_size: int, s: dict, mode: str = "single
         losses.append(loss.item())
     seconds = time.perf_counter() - start
     out = {"losses": losses, "seconds": seconds, "optimizer_state": optimizer_state_bytes(step.optimizer),
-           "params": torch.cat([p.detach().reshape(-1) for p in model.parameters()])}
+           "params": torch.cat([_full(p).detach().reshape(-1) for p in model.parameters()])}
     x, y = next(iter(batches))
     alive = []
 
@@ -431,6 +468,12 @@ def train_data_parallel(rank: int, world_size: int, s: dict, mode: str = "single
         alive.append((m, st))
     out["peak"], out["held"] = cpu_memory_levels(fresh_run)
     return out
+
+
+def _full(p: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter FSDP2 sharded (a ``DTensor``: gathered from every
+    process); any other tensor as it is."""
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
 
 
 def data_parallel_runs(rank: int, world_size: int, s: dict, runs: dict[str, int]) -> dict[str, dict]:

@@ -95,9 +95,9 @@ TINY = dict(text="tinyshakespeare", val_fraction=0.1, d_model=16, n_heads=2, n_l
 def test_data_parallel_matches_one_process():
     steps = 5
     single = parallel.train_data_parallel(0, 1, TINY, "single", steps)
-    runs = parallel.launch(parallel.data_parallel_runs, 2, (TINY, {"allreduce": steps, "ddp": steps, "zero": steps}),
-                           timeout=240)
-    for mode in ("allreduce", "ddp", "zero"):
+    runs = parallel.launch(parallel.data_parallel_runs, 2,
+                           (TINY, {"allreduce": steps, "ddp": steps, "zero": steps, "fsdp": steps}), timeout=240)
+    for mode in ("allreduce", "ddp", "zero", "fsdp"):
         r0, r1 = runs[0][mode], runs[1][mode]
         assert torch.equal(r0["params"], r1["params"])          # every process holds the same model
         assert r0["losses"] == pytest.approx(single["losses"], abs=1e-4)
@@ -106,8 +106,9 @@ def test_data_parallel_matches_one_process():
         torch.testing.assert_close(r0["params"], single["params"], rtol=0, atol=1e-3)
     assert runs[0]["allreduce"]["losses"] == runs[0]["ddp"]["losses"]  # the same sums, exactly
     full = single["optimizer_state"]
-    shards = [runs[r]["zero"]["optimizer_state"] for r in (0, 1)]
-    assert sum(shards) == full and max(shards) < 0.75 * full
+    for mode in ("zero", "fsdp"):   # each process keeps the AdamW state of its share only
+        shards = [runs[r][mode]["optimizer_state"] for r in (0, 1)]
+        assert sum(shards) == full and max(shards) < 0.75 * full, mode
 
 
 def test_bad_runs_rejected():
@@ -164,3 +165,13 @@ def test_allreduce_times_shapes():
     out = parallel.launch(parallel.allreduce_times, 2, ([16, 1024], [(3, 4), (5,)], 3), timeout=120)[0]
     assert out["sizes"] == [16, 1024] and len(out["seconds"]) == 2 and out["tensors"] == 2
     assert out["elements"] == 17 and min(out["seconds"]) > 0
+
+
+def test_exercise_check_accepts_the_formula_and_rejects_a_wrong_one(capsys):
+    parallel.check_layer_activation_bytes(parallel.layer_activation_bytes)
+    assert "equals the measured bytes" in capsys.readouterr().out
+    no_mask = lambda b, t, d, h, f: parallel.layer_activation_bytes(b, t, d, h, f) - t * t  # noqa: E731
+    with pytest.raises(AssertionError, match="missing"):
+        parallel.check_layer_activation_bytes(no_mask)
+    with pytest.raises(AssertionError, match="not a number"):
+        parallel.check_layer_activation_bytes(lambda *a: None)
