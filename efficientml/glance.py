@@ -53,7 +53,7 @@ class Row:
     label: str
     experiment: str
     key: str
-    fmt: str = "pct"              # pct, nats, x (a ratio), text
+    fmt: str = "pct"              # pct, nats, x / x2 (a ratio), G, int, MB, ms, e (scientific), text
     reference: float | str | None = None
     same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
     measured: bool = False        # a figure of the machine (checks.measured): shown, never checked
@@ -82,6 +82,7 @@ FULL: dict[str, Callable[[dict], dict]] = {
     "transformer": lambda r: {"sequence_accuracy": r["sequence_accuracy"]},
     "cost": lambda r: {},
     "cost-checked": lambda r: {},
+    "scale": lambda r: {},          # Chapter 8 runs the same in every profile: no full result
     "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")} | {
         f"finetune/{k}": LN2 * _mean_last(v, "test_loss") for k, v in r.get("finetune", {}).get("runs", {}).items()},
 }
@@ -160,6 +161,24 @@ CHAPTERS: tuple[Chapter, ...] = (
             fmt="nats", same_in_every_profile=True),
         Row("bfloat16 autocast training: final loss minus float32's (nats)", "cost-checked", "bf16_minus_fp32",
             fmt="nats")), one_profile=True),
+    Chapter(8, "Training past one device", "08_scale",
+            "Chapter 6's quick language model (0.8M parameters, batch 12 x 64), 2 processes on gloo", (
+        Row("saved activations of one step (bytes; the formula equals the measurement)", "scale",
+            "activation_bytes", fmt="int"),
+        Row("held after the forward pass", "scale", "held/plain", fmt="MB"),
+        Row("... every block checkpointed (gradients bitwise identical)", "scale", "held/checkpointed", fmt="MB"),
+        Row("... step time, checkpointed / plain", "scale", "checkpoint_time_ratio", fmt="x2", measured=True),
+        Row("2 processes (DDP) against 1: largest loss difference in 200 steps (nats)", "scale", "max_gap_ddp",
+            fmt="e"),
+        Row("AdamW state per process: DDP (bytes)", "scale", "optimizer_state/ddp", fmt="int"),
+        Row("... ZeroRedundancyOptimizer, rank 0", "scale", "optimizer_state/zero", fmt="int"),
+        Row("... FSDP2, rank 0", "scale", "optimizer_state/fsdp", fmt="int"),
+        Row("held between steps per process: DDP", "scale", "held_between_steps/ddp", fmt="MB"),
+        Row("... FSDP2", "scale", "held_between_steps/fsdp", fmt="MB"),
+        Row("all-reduce latency, 2 processes (fastest call)", "scale", "allreduce_latency_ms", fmt="ms",
+            measured=True),
+        Row("the model's gradients all-reduced in one bucket: times faster than one call per tensor", "scale",
+            "bucket_speedup", fmt="x", measured=True)), one_profile=True),
 )
 
 
@@ -180,6 +199,12 @@ def _fmt(value, fmt: str) -> str:
         return f"{value / 1e9:.1f} G"
     if fmt == "int":
         return f"{value:,.0f}"
+    if fmt == "MB":
+        return f"{value:.2f} MB"
+    if fmt == "ms":
+        return f"{value:.2f} ms"
+    if fmt == "e":
+        return f"{value:.1e}"
     return "yes" if value is True else "no" if value is False else str(value)
 
 

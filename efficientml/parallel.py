@@ -4,7 +4,7 @@ checkpointing, gradient accumulation, data parallelism and sharded optimizer sta
 - **Memory of a step**: ``model_state_bytes`` (parameters, gradients, optimizer state: the
   formula), ``layer_activation_bytes`` and ``activation_bytes`` (what autograd saves in the
   forward pass of Chapter 6's language model, counted tensor by tensor), ``StepMemory`` and
-  ``step_memory`` (all of it measured), ``language_model_parameters``,
+  ``step_memory`` (all of it measured), ``saved_tensors`` (the list), ``language_model_parameters``,
   ``check_layer_activation_bytes`` (the chapter's exercise).
 - **Recomputation**: ``Checkpointed`` wraps a block so that ``torch.utils.checkpoint`` keeps only
   its input and recomputes the rest in the backward pass; ``checkpoint_blocks``.
@@ -107,6 +107,35 @@ def activation_bytes(batch: int, seq: int, d_model: int, n_heads: int, d_ff: int
             + 4 * (2 * b * t * d + 2 * b * t))
 
 
+def saved_tensors(model: nn.Module, *inputs: torch.Tensor, within: nn.Module | None = None) -> list[tuple]:
+    """What autograd saves for the backward pass in one forward call ``model(*inputs)``, tensor
+    by tensor, in the order saved: ``[(shape, dtype, bytes), ...]``, each storage once and not
+    the model's own weights (as ``lora.saved_activation_bytes`` counts them, whose total this
+    is). ``within``: a submodule (one block); only what is saved while it runs is listed."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    inside = [within is None]
+    seen: dict[int, tuple] = {}
+
+    def pack(t: torch.Tensor):
+        st = t.untyped_storage()
+        if inside[0] and st.data_ptr() not in own and st.data_ptr() not in seen:
+            seen[st.data_ptr()] = (tuple(t.shape), t.dtype, st.nbytes())
+        return t
+
+    hooks = []
+    if within is not None:
+        hooks = [within.register_forward_pre_hook(lambda *a: inside.__setitem__(0, True)),
+                 within.register_forward_hook(lambda *a: inside.__setitem__(0, False))]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(*inputs)
+        del out
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(seen.values())
+
+
 def check_layer_activation_bytes(fn: Callable[..., int]) -> None:
     """Chapter 8's exercise: check a reader's ``fn(batch, seq, d_model, n_heads, d_ff)``, the
     bytes autograd saves in one block of Chapter 6's language model, against a measurement:
@@ -150,7 +179,9 @@ class StepMemory:
         return asdict(self)
 
 
-def _loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The mean cross-entropy (nats) of ``model``'s next-token logits (B, T, V) for tokens
+    ``x`` (B, T) against targets ``y`` (B, T)."""
     logits = model(x)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
@@ -164,7 +195,7 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        _loss(model, x, y).backward()
+        lm_loss(model, x, y).backward()
         optimizer.step()
     step()                                             # the optimizer's state now exists
     grads = gradient_bytes(model)
@@ -191,7 +222,7 @@ def forward_held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> in
     at the end of the forward pass; the graph is then freed."""
     _drop_kept_weights(model)
     kept = []
-    held = cpu_memory_levels(lambda: kept.append(_loss(model, x, y)))[1]
+    held = cpu_memory_levels(lambda: kept.append(lm_loss(model, x, y)))[1]
     kept.clear()
     return held
 
@@ -243,7 +274,7 @@ def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, mic
         p.grad = None
     total = 0.0
     for xs, ys in zip(x.chunk(k), y.chunk(k)):
-        loss = _loss(model, xs, ys) / k
+        loss = lm_loss(model, xs, ys) / k
         loss.backward()
         total += loss.item()
     return total
@@ -408,7 +439,7 @@ def _trainer(rank: int, world_size: int, s: dict, mode: str, vocab: int):
     def step(x, y) -> torch.Tensor:
         xs, ys = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         opt.zero_grad(set_to_none=mode not in ("ddp", "zero"))  # DDP's buckets stay allocated
-        loss = _loss(net, xs, ys)
+        loss = lm_loss(net, xs, ys)
         loss.backward()
         if mode == "allreduce":
             allreduce_gradients(model)
@@ -465,6 +496,7 @@ def train_data_parallel(rank: int, world_size: int, s: dict, mode: str = "single
     def fresh_run():
         m, st = _trainer(rank, world_size, s, mode, tok.vocab_size)
         st(x, y), st(x, y)
+        _drop_kept_weights(m)         # not training state: the attention weights kept for plots
         alive.append((m, st))
     out["peak"], out["held"] = cpu_memory_levels(fresh_run)
     return out
@@ -483,12 +515,15 @@ def data_parallel_runs(rank: int, world_size: int, s: dict, runs: dict[str, int]
 
 
 def allreduce_times(rank: int, world_size: int, sizes: list[int], shapes: list[tuple[int, ...]],
-                    repeats: int = 20) -> dict:
-    """Median seconds of one ``all_reduce`` (sum) of a float32 tensor of each of ``sizes``
-    elements, over ``repeats`` calls after one untimed; and of the tensors of ``shapes`` (a
-    model's gradients) reduced one call per tensor against all of them flattened into one
-    bucket, as ``DistributedDataParallel`` does. Run in every process (``launch``)."""
-    def timed(fn) -> float:
+                    repeats: int = 30) -> dict:
+    """Seconds of one ``all_reduce`` (sum) of a float32 tensor of each of ``sizes`` elements:
+    ``seconds``, the median of ``repeats`` calls (after one untimed), and ``fastest``, the
+    quickest of them (the cost without interference from the rest of the machine); and of the
+    tensors of ``shapes`` (a model's gradients) reduced one call per tensor, ``per_tensor``,
+    against all of them flattened into one bucket, ``one_bucket``, as ``DistributedDataParallel``
+    does (medians). Every call starts together in all processes (a barrier). Run in every
+    process (``launch``)."""
+    def timed(fn) -> list[float]:
         fn()
         times = []
         for _ in range(repeats):
@@ -496,7 +531,7 @@ def allreduce_times(rank: int, world_size: int, sizes: list[int], shapes: list[t
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-        return sorted(times)[len(times) // 2]
+        return sorted(times)
 
     by_size = {}
     for n in sizes:
@@ -506,5 +541,7 @@ def allreduce_times(rank: int, world_size: int, sizes: list[int], shapes: list[t
     flat = torch.ones(sum(g.numel() for g in grads))
     per_tensor = timed(lambda: [dist.all_reduce(g) for g in grads])
     bucketed = timed(lambda: dist.all_reduce(flat))
-    return {"sizes": list(sizes), "seconds": [by_size[n] for n in sizes], "tensors": len(grads),
-            "elements": flat.numel(), "per_tensor": per_tensor, "one_bucket": bucketed}
+    mid = repeats // 2
+    return {"sizes": list(sizes), "seconds": [by_size[n][mid] for n in sizes],
+            "fastest": [by_size[n][0] for n in sizes], "tensors": len(grads), "elements": flat.numel(),
+            "per_tensor": per_tensor[mid], "one_bucket": bucketed[mid]}

@@ -169,3 +169,63 @@ def plot_roofline(roofs: Sequence, workloads: Sequence = (), ax=None, title: str
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="lower right")
     return ax
+
+
+def plot_data_parallel(single: Sequence[float], runs: Mapping[str, Sequence[float]], window: int = 10,
+                       axes=None, title: str | None = None):
+    """Chapter 8's comparison of training runs: left, the training loss per step (nats) of the
+    one-process run ``single`` and of each run of ``runs`` ({label: losses}), smoothed over
+    ``window`` steps; right, each run's loss minus the one-process run's at the same step, raw."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    left, right = axes
+    steps = np.arange(1, len(single) + 1)
+    w = min(window, len(single))
+    left.plot(steps[w - 1:], moving_average(single, w), "k", lw=2.5, label="one process, whole batch")
+    for (label, losses), style in zip(runs.items(), ("--", ":", "-.", "-")):
+        n = len(losses)
+        left.plot(steps[w - 1:n], moving_average(losses, w), style, label=label)
+        right.plot(steps[:n], np.asarray(losses) - np.asarray(single[:n]), style, label=label)
+    left.set(xlabel="step", ylabel=f"training loss (nats, mean of {w} steps)", title=title)
+    right.set(xlabel="step", ylabel="loss minus one process's (nats)", title="the differences")
+    right.axhline(0, color="k", lw=0.8)
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return axes
+
+
+def plot_allreduce(sizes: Sequence[int], seconds: Sequence[float], fastest: Sequence[float] | None = None,
+                   ax=None, title: str | None = None):
+    """Chapter 8's all-reduce cost: seconds of one ``all_reduce`` of a float32 tensor against
+    its size in bytes, log-log: the median call, the fastest call if given, and the cost model
+    ``a + n / b`` drawn from the fastest calls' end points (the median's without them): a fixed
+    latency ``a`` (the smallest message) and a rate ``b`` (the largest)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.2))
+    nbytes = 4 * np.asarray(sizes, dtype=float)
+    ms = 1e3 * np.asarray(seconds)
+    ax.plot(nbytes, ms, "o-", label="median call")
+    best = ms if fastest is None else 1e3 * np.asarray(fastest)
+    if fastest is not None:
+        ax.plot(nbytes, best, "s:", label="fastest call")
+    latency, rate = best[0], nbytes[-1] / best[-1]
+    x = np.logspace(np.log10(nbytes[0]), np.log10(nbytes[-1]), 100)
+    ax.plot(x, latency + x / rate, "k--", lw=1, label="latency of the smallest + size / rate of the largest")
+    ax.set(xscale="log", yscale="log", xlabel="message size (bytes)", ylabel="ms per all-reduce", title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_memory_curves(x: Sequence[float], curves: Mapping[str, Sequence[float]], xlabel: str, ax=None,
+                       title: str | None = None):
+    """Bytes against ``x`` (log-log), one line per ``{label: bytes}`` of ``curves``, in GB."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.3))
+    for (label, y), style in zip(curves.items(), ("o-", "s--", "D:", "^-.", "v-", "x--")):
+        ax.plot(x, np.asarray(y, dtype=float) / 1e9, style, label=label, ms=4)
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="GB", title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return ax

@@ -412,6 +412,35 @@ def chapter7_helpers(device: torch.device, tmp: Path) -> str:
             f"{len(speeds)} training speeds, nanoGPT ratio, profiled step, bfloat16 autocast training")
 
 
+def chapter8_helpers(device: torch.device, tmp: Path) -> str:
+    """Chapter 8's cells, briefly: a tiny language model's checkpointed gradients against the
+    plain ones and accumulated gradients against the whole batch's, on the device; and two
+    processes (gloo on 127.0.0.1, the CPU: the chapter's data-parallel runs) trained for 2 steps
+    with DDP and FSDP2 against one process."""
+    from . import parallel
+    from .transformer import LanguageModel
+    torch.manual_seed(0)
+    model = LanguageModel(13, 16, 2, 2, 32, 0.0, max_len=8).to(device)
+    ckpt = parallel.checkpoint_blocks(copy.deepcopy(model))
+    x = torch.randint(0, 13, (4, 8), device=device)
+    y = torch.randint(0, 13, (4, 8), device=device)
+    parallel.accumulate_gradients(model, x, y, 1)
+    whole = [p.grad.clone() for p in model.parameters()]
+    parallel.accumulate_gradients(ckpt, x, y, 1)
+    _expect(all(torch.allclose(a.grad, b, atol=1e-6) for a, b in zip(ckpt.parameters(), whole)),
+            "checkpointed gradients differ from the plain ones")
+    parallel.accumulate_gradients(model, x, y, 4)
+    _expect(all(torch.allclose(a.grad, b, atol=1e-6) for a, b in zip(model.parameters(), whole)),
+            "4 micro-batches' gradients differ from the whole batch's")
+    s = dict(text="tinyshakespeare", val_fraction=0.1, d_model=16, n_heads=2, n_layers=1, d_ff=32, dropout=0.0,
+             block_size=8, batch_size=4, lr=1e-3, weight_decay=0.1, clip_grad_norm=1.0, seed=0)
+    one = parallel.train_data_parallel(0, 1, s, "single", 2)
+    two = parallel.launch(parallel.data_parallel_runs, 2, (s, {"ddp": 2, "fsdp": 2}), timeout=240)[0]
+    _expect(all(abs(a - b) < 1e-4 for mode in two for a, b in zip(two[mode]["losses"], one["losses"])),
+            "two processes' losses differ from one process's")
+    return "checkpointed and accumulated gradients on the device, 2 processes (DDP, FSDP2) on gloo"
+
+
 HELPER_CHECKS: dict[str, Callable[[torch.device, Path], str]] = {
     "chapter 2 helpers": chapter2_helpers,
     "chapter 3 helpers": chapter3_helpers,
@@ -419,6 +448,7 @@ HELPER_CHECKS: dict[str, Callable[[torch.device, Path], str]] = {
     "chapter 5 helpers": chapter5_helpers,
     "chapter 6 helpers": chapter6_helpers,
     "chapter 7 helpers": chapter7_helpers,
+    "chapter 8 helpers": chapter8_helpers,
 }
 
 

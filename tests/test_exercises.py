@@ -164,3 +164,19 @@ def test_chapter7_exercise1_solution_passes_the_check_and_finds_the_crossing(cap
     assert "agrees with 2mnk" in out
     m = ns["crossing"]   # the first batch whose first-layer product exceeds a ridge of 5 FLOP/byte
     assert ns["gemm_intensity"](m, 256, 784) > 5 >= ns["gemm_intensity"](m - 1, 256, 784)
+
+
+CH8 = BOOK / "08_scale.ipynb"
+
+
+def test_chapter8_exercise1_solution_passes_the_check(capsys):
+    from efficientml import parallel
+    (snippet,) = exercise_snippets(CH8)[1]
+    assert free_names(snippet) <= {"parallel", "layer_activation_bytes", "batch", "seq", "d_model", "n_heads", "d_ff"}
+    ns = {"parallel": parallel}
+    exec(snippet, ns)
+    assert "equals the measured bytes" in capsys.readouterr().out
+    f = ns["layer_activation_bytes"]
+    assert f(5, 33, 24, 3, 40) == parallel.layer_activation_bytes(5, 33, 24, 3, 40)
+    t = ns["crossover"]   # the attention weights (4 h T^2 bytes, h = 4) pass half of the block
+    assert 32 * t * t > f(1, t, 128, 4, 512) and 32 * (t - 1) ** 2 <= f(1, t - 1, 128, 4, 512)

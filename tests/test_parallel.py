@@ -22,6 +22,18 @@ def test_activation_formula_equals_measured_bytes(b, t, d, h, f, n):
     assert saved_activation_bytes(model, x) == parallel.activation_bytes(b, t, d, h, f, n)
 
 
+def test_saved_tensors_of_one_block_add_up_to_the_layer_formula():
+    torch.manual_seed(0)
+    model = LanguageModel(65, 16, 2, 3, 32, 0.0, max_len=8)
+    x = torch.randint(0, 65, (3, 8))
+    every = parallel.saved_tensors(model, x)
+    assert sum(b for *_, b in every) == saved_activation_bytes(model, x)
+    block = parallel.saved_tensors(model, x, within=model.layers[1])
+    assert sum(b for *_, b in block) == parallel.layer_activation_bytes(3, 8, 16, 2, 32)
+    assert ((8, 8), torch.bool, 64) in block and ((3, 2, 8, 8), torch.float32, 4 * 3 * 2 * 64) in block
+    assert not model.layers[1]._forward_hooks      # the hooks are removed
+
+
 def test_parameter_and_state_formulas():
     model = LanguageModel(65, 16, 2, 3, 32, 0.0, max_len=8)
     n = sum(p.numel() for p in model.parameters())
@@ -165,6 +177,7 @@ def test_allreduce_times_shapes():
     out = parallel.launch(parallel.allreduce_times, 2, ([16, 1024], [(3, 4), (5,)], 3), timeout=120)[0]
     assert out["sizes"] == [16, 1024] and len(out["seconds"]) == 2 and out["tensors"] == 2
     assert out["elements"] == 17 and min(out["seconds"]) > 0
+    assert all(0 < a <= b for a, b in zip(out["fastest"], out["seconds"]))
 
 
 def test_exercise_check_accepts_the_formula_and_rejects_a_wrong_one(capsys):

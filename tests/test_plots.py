@@ -60,3 +60,21 @@ def test_lr_panel_changes_rate_at_the_epoch_boundaries():
     for e, lr in enumerate(h.lr, start=1):  # every epoch's middle shows the rate it trained with
         mid = e - 0.5
         assert y[np.searchsorted(x, mid) - 1] == lr
+
+
+def test_chapter8_figures_draw_what_they_are_given():
+    import matplotlib.pyplot as plt
+    from efficientml.plots import plot_allreduce, plot_data_parallel, plot_memory_curves
+    single = [3.0, 2.5, 2.0, 1.8]
+    left, right = plot_data_parallel(single, {"ddp": [3.0, 2.6, 2.1, 1.8], "short": [3.1, 2.5]}, window=2)
+    assert len(left.lines) == 3 and len(right.lines) == 2 + 1           # + the zero line
+    np.testing.assert_allclose(right.lines[0].get_ydata(), [0, 0.1, 0.1, 0], atol=1e-12)
+    assert len(right.lines[1].get_ydata()) == 2                          # a shorter run: its own steps
+    ax = plot_allreduce([16, 1024, 65536], [1e-3, 2e-3, 8e-3], [5e-4, 1e-3, 4e-3])
+    assert len(ax.lines) == 3 and ax.get_xscale() == "log"
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [64, 4096, 262144])   # bytes of float32
+    model = ax.lines[2].get_ydata()                 # from the fastest calls' end points, in ms
+    assert model[0] == pytest.approx(0.5 + 64 / (262144 / 4.0)) and model[-1] == pytest.approx(0.5 + 4.0)
+    ax = plot_memory_curves([1, 2], {"a": [1e9, 2e9], "b": [3e9, 3e9]}, "length")
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [1, 2])         # in GB
+    plt.close("all")
