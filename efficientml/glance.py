@@ -174,7 +174,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("... ZeroRedundancyOptimizer, rank 0", "scale", "optimizer_state/zero", fmt="int"),
         Row("... FSDP2, rank 0", "scale", "optimizer_state/fsdp", fmt="int"),
         Row("held between steps per process: DDP", "scale", "held_between_steps/ddp", fmt="MB"),
-        Row("... FSDP2", "scale", "held_between_steps/fsdp", fmt="MB"),
+        Row("... ZeroRedundancyOptimizer", "scale", "held_between_steps/zero", fmt="MB"),
         Row("all-reduce latency, 2 processes (fastest call)", "scale", "allreduce_latency_ms", fmt="ms",
             measured=True),
         Row("the model's gradients all-reduced in one bucket: times faster than one call per tensor", "scale",
