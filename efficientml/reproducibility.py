@@ -17,6 +17,33 @@ import torch
 THREADS_ENV = "EFFICIENTML_THREADS"
 
 
+def separate_compile_cache() -> str | None:
+    """Give ``torch.compile``'s kernel cache a folder of its own per forced CPU kernel path.
+
+    Inductor caches compiled kernels under a key that does not include ``ATEN_CPU_CAPABILITY``:
+    a run with AVX2 forced on an AVX-512 machine loads the AVX-512 kernels an earlier run
+    compiled, and computes NaN. When ``ATEN_CPU_CAPABILITY`` is set and
+    ``TORCHINDUCTOR_CACHE_DIR`` is not, this sets the latter to the default folder with the
+    capability appended, and returns it (None when it changed nothing). Called on import."""
+    import getpass
+    import tempfile
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "user"
+    default = os.path.join(tempfile.gettempdir(), f"torchinductor_{user}")
+    # torch writes its default into the environment once something asks for the folder
+    if not capability or os.environ.get("TORCHINDUCTOR_CACHE_DIR", default) != default:
+        return None
+    folder = f"{default}-{capability}"
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    return folder
+
+
+separate_compile_cache()
+
+
 def threads_from_env() -> int | None:
     """``$EFFICIENTML_THREADS`` as an int >= 1, or None when it is unset or empty."""
     text = os.environ.get(THREADS_ENV, "").strip()

@@ -42,3 +42,16 @@ def test_machine_names_device_threads_and_kernels(restore_threads):
     assert machine("cpu") == f"cpu, 2 threads, {cpu_kernels()} kernels"
     assert cpu_kernels() == torch.backends.cpu.get_cpu_capability()
     assert machine("mps") == "mps (Apple GPU)"
+
+
+def test_a_forced_kernel_path_gets_its_own_compile_cache():
+    import os
+    import subprocess
+    import sys
+    code = "import os, efficientml; print(os.environ.get('TORCHINDUCTOR_CACHE_DIR'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], env=env | extra, capture_output=True,  # noqa: E731
+                                       text=True, check=True).stdout.strip()
+    assert run({"ATEN_CPU_CAPABILITY": "avx2"}).endswith("-avx2")
+    assert run({"ATEN_CPU_CAPABILITY": "avx2", "TORCHINDUCTOR_CACHE_DIR": "/x/y"}) == "/x/y"   # an explicit one wins
+    assert "-" not in run({}).rsplit("torchinductor_", 1)[-1]   # no path forced: torch's own folder

@@ -1,0 +1,156 @@
+"""The serving chapter's engine (efficientml.serving): tiled attention against naive attention and
+PyTorch's scaled_dot_product_attention, the KV cache's bytes, speculative decoding's output and
+distribution."""
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from efficientml import serving
+from efficientml.transformer import LanguageModel, attention, causal_mask
+
+
+@pytest.mark.parametrize("t_q,t_k,tile", [(1, 1, 64), (5, 5, 2), (13, 13, 4), (37, 37, 16), (3, 20, 7),
+                                          (64, 64, 64), (65, 65, 64), (10, 100, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_tiled_attention_equals_naive(t_q, t_k, tile, causal):
+    g = torch.Generator().manual_seed(t_q * 1000 + t_k)
+    q, k, v = (torch.randn(2, 3, t, 8, generator=g) * 3 for t in (t_q, t_k, t_k))
+    mask = None
+    if causal:   # query i is position t_k - t_q + i: it sees keys up to there
+        mask = torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q)
+    want, _ = attention(q.double(), k.double(), v.double(), mask)
+    # the algorithm is exact: in float64 the two agree to float64 rounding
+    exact = serving.tiled_attention(q.double(), k.double(), v.double(), causal=causal, tile=tile)
+    torch.testing.assert_close(exact, want, rtol=1e-12, atol=1e-12)
+    # in float32 (scores up to about 100 here) both round; tiled stays within 1e-4 of float64
+    got = serving.tiled_attention(q, k, v, causal=causal, tile=tile)
+    torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-4)
+    assert got.shape == (2, 3, t_q, 8) and got.dtype == torch.float32
+
+
+def test_tiled_attention_agrees_with_scaled_dot_product_attention():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, 2, 50, 16, generator=g) for _ in range(3))
+    for causal in (False, True):
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        torch.testing.assert_close(serving.tiled_attention(q, k, v, causal=causal, tile=16), want,
+                                   rtol=1e-5, atol=1e-5)
+    v2 = torch.randn(4, 2, 50, 5, generator=g)      # d_v may differ from d_k
+    torch.testing.assert_close(serving.tiled_attention(q, k, v2, tile=9),
+                               attention(q, k, v2)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tiled_attention_survives_large_scores():
+    # scores of +-1000: a softmax without subtracting the running maximum would overflow to inf/nan
+    q = torch.tensor([[[30.0, 0.0], [-30.0, 5.0]]])
+    k = torch.tensor([[[30.0, 0.0], [0.0, 30.0], [-30.0, 0.0]]])
+    v = torch.tensor([[[1.0], [2.0], [3.0]]])
+    got = serving.tiled_attention(q, k, v, tile=1)
+    torch.testing.assert_close(got, attention(q, k, v)[0])
+    assert torch.isfinite(got).all()
+
+
+def test_tiled_attention_rejects_bad_input():
+    q = torch.randn(1, 4, 8)
+    with pytest.raises(ValueError):
+        serving.tiled_attention(q, torch.randn(1, 4, 6), torch.randn(1, 4, 8))       # d_k differs
+    with pytest.raises(ValueError):
+        serving.tiled_attention(q, torch.randn(1, 4, 8), torch.randn(1, 5, 8))       # lengths differ
+    with pytest.raises(ValueError):
+        serving.tiled_attention(q, q, q, tile=0)
+    with pytest.raises(ValueError):
+        serving.tiled_attention(torch.randn(1, 5, 8), q, q, causal=True)             # T_q > T_k
+
+
+def test_kv_cache_formula_equals_the_caches_the_model_fills():
+    torch.manual_seed(0)
+    model = LanguageModel(11, 24, 3, 2, 32, 0.0, max_len=40).eval()
+    caches = [{} for _ in model.layers]
+    with torch.no_grad():
+        model(torch.randint(0, 11, (3, 9)), caches=caches)
+        model(torch.randint(0, 11, (3, 1)), start=9, caches=caches)
+    assert serving.cache_bytes(caches) == serving.kv_cache_bytes(2, 24, 10, batch=3) == 2 * 2 * 3 * 10 * 24 * 4
+    with pytest.raises(ValueError):
+        serving.kv_cache_bytes(2, 24, -1)
+
+
+def _models(vocab=7, seed=0, max_len=64):
+    torch.manual_seed(seed)
+    target = LanguageModel(vocab, 32, 2, 2, 64, 0.0, max_len=max_len)
+    draft = LanguageModel(vocab, 16, 2, 1, 32, 0.0, max_len=max_len)
+    return target, draft
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_decoding_equals_the_targets_greedy_output(k):
+    target, draft = _models()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        prompt = torch.randint(0, 7, (1, int(torch.randint(1, 6, (1,), generator=g))), generator=g)
+        want = target.generate(prompt, 12, temperature=0)
+        got, stats = serving.speculative_generate(target, draft, prompt, 12, k=k)
+        assert torch.equal(got, want)
+        assert stats.rounds <= 12 and 0 <= stats.accepted <= stats.proposed
+        assert stats.accepted + stats.rounds == 12     # each round: its accepted tokens + 1
+
+
+def test_the_target_as_its_own_draft_accepts_everything():
+    target, _ = _models()
+    _, stats = serving.speculative_generate(target, target, torch.tensor([[1, 2]]), 13, k=4)
+    assert stats.acceptance == 1.0 and stats.rounds == 3 and stats.tokens_per_round == 13 / 3  # 5 + 5 + 3
+
+
+def _target_joint(target, prompt, n, vocab):
+    """Exact probabilities of every continuation of n tokens under the target at temperature 1."""
+    probs = {}
+    with torch.no_grad():
+        for cont in itertools.product(range(vocab), repeat=n):
+            seq = torch.cat([prompt, torch.tensor([cont])], dim=1)
+            logp = target(seq)[0, prompt.shape[1] - 1:-1].log_softmax(-1)
+            probs[cont] = logp[torch.arange(n), torch.tensor(cont)].sum().exp().item()
+    return probs
+
+
+def _chi_square(counts, probs, n):
+    return sum((counts.get(c, 0) - n * p) ** 2 / (n * p) for c, p in probs.items())
+
+
+def test_sampled_speculative_decoding_follows_the_targets_distribution():
+    vocab, n, samples = 3, 3, 2000
+    target, draft = _models(vocab=vocab, seed=3)
+    prompt = torch.tensor([[0, 1]])
+    exact = _target_joint(target, prompt, n, vocab)
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-5)
+    g = torch.Generator().manual_seed(0)
+    counts, drafted = {}, {}
+    accepted = proposed = 0
+    for _ in range(samples):
+        out, stats = serving.speculative_generate(target, draft, prompt, n, k=2, temperature=1.0, generator=g)
+        c = tuple(out[0, 2:].tolist())
+        counts[c] = counts.get(c, 0) + 1
+        accepted, proposed = accepted + stats.accepted, proposed + stats.proposed
+        d = tuple(draft.generate(prompt, n, temperature=1.0, generator=g)[0, 2:].tolist())
+        drafted[d] = drafted.get(d, 0) + 1
+    # 27 cells, 26 degrees of freedom: chi-square above 54.1 has probability 0.001 under the target
+    assert _chi_square(counts, exact, samples) < 54.1
+    # and the test can fail: the draft's own samples, a different distribution, are rejected
+    assert _chi_square(drafted, exact, samples) > 54.1
+    assert 0 < accepted < proposed      # the draft is neither always right nor always wrong
+
+
+def test_speculative_decoding_rejects_bad_input():
+    target, draft = _models()
+    other = LanguageModel(9, 16, 2, 1, 32, 0.0, max_len=64)
+    p = torch.tensor([[1, 2]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        serving.speculative_generate(target, other, p, 4)
+    with pytest.raises(ValueError):
+        serving.speculative_generate(target, draft, torch.tensor([[1], [2]]), 4)      # two sequences
+    with pytest.raises(ValueError):
+        serving.speculative_generate(target, draft, p, 4, k=0)
+    with pytest.raises(ValueError, match="context"):
+        serving.speculative_generate(target, draft, p, 62, k=4)
+    with pytest.raises(TypeError):
+        serving.speculative_generate(target, draft, p.float(), 4)
