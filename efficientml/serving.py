@@ -219,3 +219,223 @@ def speculative_generate(target: LanguageModel, draft: LanguageModel, prompt: to
         _truncate(t_cache, out.shape[1] - 1), _truncate(d_cache, out.shape[1] - 1)
     target.train(modes[0]), draft.train(modes[1])
     return out, stats
+
+
+# -- Weight-only quantization, group-wise ------------------------------------------------------
+
+def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int):
+    """Quantize a Linear weight (out, in) in groups of ``group_size`` consecutive input columns
+    of each row, one scale and zero point per group (affine min/max, ``quantization.quantize`` on
+    the rows of w reshaped to (out * in / group_size, group_size)). Returns the
+    ``QuantizedArray`` of that reshaped weight; ``dequantize_groupwise`` undoes it."""
+    from .quantization import quantize
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"quantize_groupwise takes a 2-D weight (out, in), got {getattr(w, 'shape', type(w))}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"bits must be an int from 2 to 8, got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if w.shape[1] % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the row of {w.shape[1]} inputs")
+    return quantize(w.detach().reshape(-1, group_size), bits, axis=0)
+
+
+def dequantize_groupwise(q, shape: tuple[int, int]) -> torch.Tensor:
+    """The float32 weight of ``shape`` (out, in) that ``quantize_groupwise`` codes stand for."""
+    from .quantization import dequantize
+    return dequantize(q).reshape(shape)
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest weight-only quantization: ``w`` quantized group-wise and dequantized."""
+    return dequantize_groupwise(quantize_groupwise(w, bits, group_size), tuple(w.shape)).to(w.device)
+
+
+def linear_inputs(model: nn.Module, batches, max_rows: int = 4096) -> dict[str, torch.Tensor]:
+    """The inputs each ``nn.Linear`` of ``model`` receives on the calibration ``batches`` (token
+    tensors (B, T)), flattened to (rows, in_features) and cut to ``max_rows`` rows:
+    ``{module name: tensor}``. The model runs in eval mode without gradients."""
+    seen: dict[str, list[torch.Tensor]] = {}
+    hooks = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            hooks.append(m.register_forward_pre_hook(
+                lambda mod, args, name=name: seen.setdefault(name, []).append(
+                    args[0].detach().reshape(-1, args[0].shape[-1]))))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for tokens in batches:
+                model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return {name: torch.cat(xs)[:max_rows] for name, xs in seen.items()}
+
+
+AWQ_GRID = tuple(i / 20 for i in range(21))   # the exponents alpha searched: 0, 0.05, ..., 1
+
+
+def awq_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
+               grid: tuple[float, ...] = AWQ_GRID) -> tuple[torch.Tensor, float, float]:
+    """Activation-aware weight quantization's per-input-channel scales for one Linear (Lin et
+    al., 2024): input channels whose activations are large matter more, so each column j of
+    ``w`` (out, in) is multiplied by s_j = mean|x_j|^alpha before round-to-nearest and the input
+    divided by it after (``(Q(w s) / s) x``: the same product, other rounding). alpha is searched
+    on ``grid`` for the least mean squared error of the layer's output on the calibration inputs
+    ``x`` (rows, in). alpha = 0 is plain round-to-nearest, so the result is never worse than it on
+    ``x``. Returns (s, the chosen alpha, its error)."""
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"calibration inputs must be (rows, {w.shape[1]}), got {tuple(x.shape)}")
+    w, x = w.detach(), x.detach().to(w.dtype)
+    reference = x @ w.T
+    magnitude = x.abs().mean(0).clamp_min(1e-8)
+    best = None
+    for alpha in grid:
+        s = magnitude ** alpha
+        s = s / (s.max() * s.min()).sqrt()                      # centred around 1
+        wq = rtn(w * s, bits, group_size) / s
+        err = ((x @ wq.T - reference) ** 2).mean().item()
+        if best is None or err < best[2]:
+            best = (s, alpha, err)
+    return best
+
+
+@torch.no_grad()
+def quantize_weights(model: nn.Module, bits: int, group_size: int, method: str = "rtn",
+                     calibration: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
+    """Replace, in place, the weight of every ``nn.Linear`` of ``model`` by its group-wise
+    ``bits``-bit version, dequantized to float32 (weight-only quantization simulated: the
+    arithmetic stays float32, the values are those a packed file would hold). ``method``:
+    "rtn" (round to nearest) or "awq" (``awq_scales``, with ``calibration``, the layers' inputs
+    from ``linear_inputs``; the scales are folded into the stored weight, as dividing the input
+    by s and multiplying back gives the same product). Returns, per layer, the alpha chosen
+    (AWQ) and the output error on the calibration inputs where there are some."""
+    if method not in ("rtn", "awq"):
+        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
+    if method == "awq" and not calibration:
+        raise ValueError("method 'awq' needs calibration inputs: calibration=linear_inputs(model, batches)")
+    report = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        x = (calibration or {}).get(name)
+        if method == "awq" and x is not None:
+            s, alpha, err = awq_scales(m.weight, x, bits, group_size)
+            m.weight.copy_(rtn(m.weight * s, bits, group_size) / s)
+            report[name] = {"alpha": alpha, "error": err}
+        else:
+            old = m.weight.clone()
+            m.weight.copy_(rtn(m.weight, bits, group_size))
+            report[name] = {"alpha": 0.0, "error": None if x is None else
+                            ((x @ (m.weight - old).T) ** 2).mean().item()}
+    return report
+
+
+# -- Weight-only kernels PyTorch ships (CPU) ---------------------------------------------------
+
+class Int8WeightLinear(nn.Module):
+    """A Linear whose weight is stored in int8, one symmetric scale per output row, and
+    multiplied by PyTorch's weight-only int8 kernel (``torch.ops.aten._weight_int8pack_mm``,
+    which converts the weights on the fly inside the product: activations stay float32).
+    ``from_linear(linear)``. forward(x (..., in)) -> (..., out); CPU."""
+
+    def __init__(self, weight_int8: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight_int8", weight_int8)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "Int8WeightLinear":
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(1) / 127).clamp_min(1e-12)
+        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scales, linear.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight_int8.float() * self.scales[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, shape[-1]).float(), self.weight_int8, self.scales)
+        y = y.reshape(*shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+INT4_GROUPS = (32, 64, 128, 256)   # the group sizes PyTorch's CPU int4 kernel takes
+
+
+def int4_kernel_fits(linear: nn.Linear, group_size: int) -> bool:
+    """Whether ``Int4WeightLinear`` can take ``linear``: out_features a multiple of 16 (the
+    kernel's packing), in_features a multiple of ``group_size``, one of ``INT4_GROUPS``."""
+    return (group_size in INT4_GROUPS and linear.out_features % 16 == 0
+            and linear.in_features % group_size == 0)
+
+
+class Int4WeightLinear(nn.Module):
+    """A Linear whose weight is stored in 4 bits, two to a byte, in groups of ``group_size``
+    inputs (affine: a scale and an offset per group), multiplied by PyTorch's CPU weight-only
+    int4 kernel (``torch.ops.aten._weight_int4pack_mm_for_cpu``, weights unpacked inside the
+    product). The kernel's convention is w = (q - 8) s + z per group; ``from_linear`` converts
+    the book's (q - zero point) s into it. forward(x (..., in)) -> (..., out); CPU."""
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None, out_features: int):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.group_size, self.out_features = group_size, out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 32) -> "Int4WeightLinear":
+        if not int4_kernel_fits(linear, group_size):
+            raise ValueError(f"the int4 kernel needs out_features a multiple of 16 and in_features a multiple "
+                             f"of group_size in {INT4_GROUPS}; got {linear.out_features} x {linear.in_features}, "
+                             f"group_size {group_size}")
+        w = linear.weight.detach().float()
+        q = quantize_groupwise(w, 4, group_size)                 # codes 0..15, (out * in/g, g)
+        out, n_in = w.shape
+        codes = q.codes.reshape(out, n_in).to(torch.int32)
+        scale = q.scale.reshape(out, n_in // group_size)
+        zero = (8 - q.zero_point.reshape(out, n_in // group_size).float()) * scale
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        sz = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()   # (in/g, out, 2)
+        return cls(packed, sz, group_size, linear.bias, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).float(), self.packed,
+                                                        self.group_size, self.scales_and_zeros)
+        y = y.reshape(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+
+def weight_only_model(model: nn.Module, bits: int, group_size: int = 32) -> nn.Module:
+    """A copy of ``model`` (on the CPU) with every ``nn.Linear`` replaced by ``Int8WeightLinear``
+    (bits 8: per output row; ``group_size`` unused) or ``Int4WeightLinear`` (bits 4, groups of
+    ``group_size``). At 4 bits a layer the kernel cannot take (``int4_kernel_fits``: e.g. a
+    language model's output layer over 65 characters) stays a float32 ``nn.Linear``."""
+    import copy
+    if bits not in (4, 8):
+        raise ValueError(f"PyTorch's weight-only kernels take 8 or 4 bits, got {bits!r}")
+    if _model_device(model).type != "cpu":
+        raise ValueError("the weight-only kernels used here are PyTorch's CPU ones: move the model to the CPU")
+    out = copy.deepcopy(model)
+    for name, m in list(out.named_modules()):
+        for child_name, child in list(m.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            if bits == 8:
+                setattr(m, child_name, Int8WeightLinear.from_linear(child))
+            elif int4_kernel_fits(child, group_size):
+                setattr(m, child_name, Int4WeightLinear.from_linear(child, group_size))
+    return out
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the weights a forward pass reads: parameters and buffers (codes, scales)."""
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

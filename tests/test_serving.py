@@ -1,6 +1,7 @@
 """The serving chapter's engine (efficientml.serving): tiled attention against naive attention and
 PyTorch's scaled_dot_product_attention, the KV cache's bytes, speculative decoding's output and
 distribution."""
+import copy
 import itertools
 
 import pytest
@@ -154,3 +155,98 @@ def test_speculative_decoding_rejects_bad_input():
         serving.speculative_generate(target, draft, p, 62, k=4)
     with pytest.raises(TypeError):
         serving.speculative_generate(target, draft, p.float(), 4)
+
+
+def test_groupwise_codes_match_a_plain_loop():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 12, generator=g)
+    q = serving.quantize_groupwise(w, 3, 4)
+    back = serving.dequantize_groupwise(q, (6, 12))
+    for r in range(6):
+        for c0 in range(0, 12, 4):
+            group = w[r, c0:c0 + 4]
+            lo, hi = min(group.min().item(), 0.0), max(group.max().item(), 0.0)
+            scale = (hi - lo) / 7
+            zero = round(-lo / scale)
+            for c in range(c0, c0 + 4):
+                code = min(max(round(w[r, c].item() / scale) + zero, 0), 7)
+                assert back[r, c].item() == pytest.approx((code - zero) * scale, abs=1e-6)
+    assert (back - w).abs().max() <= 0.5 * q.scale.max() + 1e-6
+    assert q.scale.shape == (18,)                              # one scale per group
+
+
+def test_smaller_groups_and_more_bits_quantize_better():
+    w = torch.randn(32, 128, generator=torch.Generator().manual_seed(1))
+    err = {(b, gs): (serving.rtn(w, b, gs) - w).pow(2).mean().item() for b in (2, 4, 8) for gs in (16, 128)}
+    assert err[(8, 16)] < err[(4, 16)] < err[(2, 16)]
+    assert all(err[(b, 16)] < err[(b, 128)] for b in (2, 4, 8))
+
+
+def test_awq_never_loses_to_rtn_and_wins_on_a_salient_channel():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(16, 32, generator=g)
+    x = torch.randn(256, 32, generator=g)
+    x[:, 3] *= 50                     # one input channel carries large activations
+    s, alpha, err = serving.awq_scales(w, x, 3, 32)
+    rtn_err = ((x @ (serving.rtn(w, 3, 32) - w).T) ** 2).mean().item()
+    assert err <= rtn_err and alpha > 0 and err < 0.7 * rtn_err
+    assert s[3] == s.max()            # the salient channel is scaled up most
+    s0, alpha0, err0 = serving.awq_scales(w, x, 3, 32, grid=(0.0,))
+    assert alpha0 == 0 and err0 == pytest.approx(rtn_err) and torch.allclose(s0, torch.ones(32))
+
+
+def test_quantize_weights_on_a_language_model():
+    torch.manual_seed(0)
+    model = LanguageModel(11, 16, 2, 1, 32, 0.0, max_len=16)
+    tokens = [torch.randint(0, 11, (4, 16)) for _ in range(2)]
+    calib = serving.linear_inputs(model, tokens)
+    assert set(calib) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert calib["out"].shape == (128, 16)                    # 2 batches of 4 x 16 tokens, d = 16
+    rtn_model, awq_model = copy.deepcopy(model), copy.deepcopy(model)
+    r = serving.quantize_weights(rtn_model, 3, 8, "rtn", calib)
+    a = serving.quantize_weights(awq_model, 3, 8, "awq", calib)
+    assert all(a[n]["error"] <= r[n]["error"] + 1e-9 for n in r)
+    for name, m in rtn_model.named_modules():
+        if isinstance(m, torch.nn.Linear):   # at most 2^3 distinct values per group of 8
+            groups = m.weight.reshape(-1, 8)
+            assert max(len(set(row.tolist())) for row in groups) <= 8
+    with pytest.raises(ValueError, match="divide"):
+        serving.quantize_weights(copy.deepcopy(model), 4, 5)
+    with pytest.raises(ValueError):
+        serving.quantize_weights(copy.deepcopy(model), 1, 8)
+    with pytest.raises(ValueError, match="calibration"):
+        serving.quantize_weights(copy.deepcopy(model), 4, 8, "awq")
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_kernels_compute_the_dequantized_product(bits):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(2, 5, 64)
+    if bits == 8:
+        q = serving.Int8WeightLinear.from_linear(lin)
+        w = q.dequantized_weight()
+        assert (w - lin.weight).abs().max() <= q.scales.max() / 2 + 1e-6
+    else:
+        q = serving.Int4WeightLinear.from_linear(lin, group_size=32)
+        w = serving.rtn(lin.weight, 4, 32)            # the book's group-wise 4-bit weights
+    torch.testing.assert_close(q(x), x @ w.T + lin.bias, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_only_model_is_smaller_and_close():
+    torch.manual_seed(0)
+    model = LanguageModel(11, 64, 2, 1, 128, 0.0, max_len=16).eval()
+    x = torch.randint(0, 11, (2, 16))
+    with torch.no_grad():
+        ref = model(x)
+        m8, m4 = serving.weight_only_model(model, 8), serving.weight_only_model(model, 4, 32)
+        assert not any(isinstance(m, torch.nn.Linear) for m in m8.modules())
+        # at 4 bits the output layer (11 outputs, not a multiple of 16) stays float32
+        assert isinstance(m4.out, torch.nn.Linear) and isinstance(m4.layers[0].ff.linear1, serving.Int4WeightLinear)
+        assert (m8(x) - ref).abs().max() < 0.05 and (m4(x) - ref).abs().max() < 0.5
+    b32, b8, b4 = (serving.weight_bytes(m) for m in (model, m8, m4))
+    assert b4 < b8 < b32
+    with pytest.raises(ValueError):
+        serving.weight_only_model(model, 3)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        serving.Int4WeightLinear.from_linear(torch.nn.Linear(64, 24))
