@@ -201,15 +201,16 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     grads = gradient_bytes(model)
     optimizer.zero_grad(set_to_none=True)
     held = forward_held_bytes(model, x, y)
-    _drop_kept_weights(model)
+    drop_kept_weights(model)
     peak = peak_memory_bytes(step)
     return StepMemory(sum(p.numel() * p.element_size() for p in model.parameters()), grads,
                       optimizer_state_bytes(optimizer), saved_activation_bytes(model, x), held, peak)
 
 
-def _drop_kept_weights(model: nn.Module) -> None:
+def drop_kept_weights(model: nn.Module) -> None:
     """Forget the attention weights each ``MultiHeadAttention`` keeps from its last call (for
-    Chapter 5's plots), so that a measurement does not count them being freed."""
+    Chapter 5's plots): not training memory, and a measurement that starts with them alive
+    counts their release when the next call replaces them. Call it before measuring memory."""
     for m in model.modules():
         if isinstance(getattr(m, "weights", None), torch.Tensor):
             m.weights = None
@@ -217,12 +218,17 @@ def _drop_kept_weights(model: nn.Module) -> None:
 
 def forward_held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
     """Bytes a training forward pass (model and loss) leaves allocated on the CPU until its
-    backward pass: the tensors autograd saved, the logits, the loss, and what the model keeps
-    (the attention weights of the last call). The profiler's running sum (``cpu_memory_levels``)
-    at the end of the forward pass; the graph is then freed."""
-    _drop_kept_weights(model)
+    backward pass: the tensors autograd saved, the logits and the loss; not the attention
+    weights ``MultiHeadAttention`` keeps for Chapter 5's plots (released before the level is
+    read; they are also saved by autograd unless the blocks are checkpointed). The profiler's
+    running sum (``cpu_memory_levels``) at the end of the forward pass; the graph is then freed."""
+    drop_kept_weights(model)
     kept = []
-    held = cpu_memory_levels(lambda: kept.append(lm_loss(model, x, y)))[1]
+
+    def forward():
+        kept.append(lm_loss(model, x, y))
+        drop_kept_weights(model)
+    held = cpu_memory_levels(forward)[1]
     kept.clear()
     return held
 
@@ -501,7 +507,7 @@ def train_data_parallel(rank: int, world_size: int, s: dict, mode: str = "single
     def fresh_run():
         m, st = _trainer(rank, world_size, s, mode, tok.vocab_size)
         st(x, y), st(x, y)
-        _drop_kept_weights(m)         # not training state: the attention weights kept for plots
+        drop_kept_weights(m)         # not training state: the attention weights kept for plots
         alive.append((m, st))
     levels = []
     for _ in range(MEMORY_REPEATS):
