@@ -200,8 +200,7 @@ def step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Ten
     step()                                             # the optimizer's state now exists
     grads = gradient_bytes(model)
     optimizer.zero_grad(set_to_none=True)
-    held = forward_held_bytes(model, x, y)
-    drop_kept_weights(model)
+    held = forward_held_bytes(model, x, y)          # leaves no attention weights kept
     peak = peak_memory_bytes(step)
     return StepMemory(sum(p.numel() * p.element_size() for p in model.parameters()), grads,
                       optimizer_state_bytes(optimizer), saved_activation_bytes(model, x), held, peak)
