@@ -251,6 +251,51 @@ def rtn(w: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     return dequantize_groupwise(quantize_groupwise(w, bits, group_size), tuple(w.shape)).to(w.device)
 
 
+GROUPWISE_FORMAT = "efficientml-groupwise-1"
+
+
+def _linear_weights(model: nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def save_groupwise(model: nn.Module, f, bits: int, group_size: int) -> None:
+    """Store ``model`` with every ``nn.Linear`` weight in ``bits`` bits, group-wise
+    (``quantize_groupwise``): the codes packed densely (``quantization.pack_codes``: two 4-bit
+    codes a byte, ...), a float32 scale and a uint8 zero point per group. Every other floating
+    tensor of the state dict (embedding, biases, LayerNorms) is stored in float32. ``torch.save``
+    of a dict (``f`` a path or file object), everything on the CPU; ``load_groupwise`` reads it."""
+    from .quantization import array_entry
+    weights, tensors, floats = _linear_weights(model), {}, {}
+    for name, t in model.state_dict().items():
+        if name in weights:
+            tensors[name] = array_entry(quantize_groupwise(t.detach().float().cpu(), bits, group_size))
+        elif t.is_floating_point():
+            floats[name] = t.detach().float().cpu()
+    torch.save({"format": GROUPWISE_FORMAT, "bits": bits, "group_size": group_size, "tensors": tensors,
+                "float32": floats}, f)
+
+
+def load_groupwise(model: nn.Module, f) -> nn.Module:
+    """Load what ``save_groupwise`` stored into ``model`` (its Linear weights dequantized to
+    float32: the values ``rtn`` gives), on the model's device; returns it. Raises ValueError for
+    a file of another kind or for a model the file does not fit."""
+    from .quantization import array_from_entry
+    saved = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or saved.get("format") != GROUPWISE_FORMAT:
+        raise ValueError(f"not a file written by save_groupwise (format {GROUPWISE_FORMAT})")
+    state = model.state_dict()
+    unknown = [n for n in list(saved["tensors"]) + list(saved["float32"]) if n not in state]
+    if unknown:
+        raise ValueError(f"the file holds tensors the model does not have: {unknown}")
+    for name, entry in saved["tensors"].items():
+        w = dequantize_groupwise(array_from_entry(entry, saved["bits"]), tuple(state[name].shape))
+        state[name] = w.to(state[name].device, state[name].dtype)
+    for name, t in saved["float32"].items():
+        state[name] = t.to(state[name].device, state[name].dtype)
+    model.load_state_dict(state)
+    return model
+
+
 def linear_inputs(model: nn.Module, batches, max_rows: int = 4096) -> dict[str, torch.Tensor]:
     """The inputs each ``nn.Linear`` of ``model`` receives on the calibration ``batches`` (token
     tensors (B, T)), flattened to (rows, in_features) and cut to ``max_rows`` rows:
@@ -303,20 +348,73 @@ def awq_scales(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int,
     return best
 
 
+GPTQ_DAMP = 0.01   # of the mean diagonal of H, added to it: keeps the inverse stable
+
+
+def _calibration_hessian(w: torch.Tensor, x: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H = 2 X^T X / rows + damp * mean(diag H) * I in float64, the weight in float64 with the
+    columns of inputs that were always 0 set to 0: they never reach the output)."""
+    if x.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"calibration inputs must be (rows, {w.shape[1]}), got {tuple(x.shape)}")
+    x = x.detach().double()
+    h = 2 * x.T @ x / x.shape[0]
+    w = w.detach().double().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    return h, w
+
+
+def _group_grid(w_group: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero point) per row of a (out, group) block, as ``quantization.quantize`` sets them."""
+    from .quantization import quantize
+    q = quantize(w_group.float(), bits, axis=0)
+    return q.scale.double().to(w_group.device), q.zero_point.double().to(w_group.device)
+
+
+def _round_to_grid(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return (torch.clamp(torch.round(col / scale) + zero, 0, 2 ** bits - 1) - zero) * scale
+
+
+def gptq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: float = GPTQ_DAMP) -> torch.Tensor:
+    """GPTQ (Frantar et al., 2023): quantize a Linear weight ``w`` (out, in) one input column at
+    a time, and after each column spread its rounding error over the columns not yet quantized,
+    so that the layer's output on the calibration inputs ``x`` (rows, in) moves as little as it
+    can (the Optimal Brain Surgeon update, with H = 2 X^T X / rows). The inverse of H enters
+    through its upper Cholesky factor U: column i's error (w_i - q_i) / U_ii is subtracted,
+    times row i of U, from the later columns. Group-wise: each group's scale and zero point
+    (``quantization.quantize``'s min/max) are set from the group's weights as they are when the
+    group is reached. Returns the dequantized weight (out, in), float32, on ``w``'s device."""
+    quantize_groupwise(w, bits, group_size)                      # the same checks as round to nearest
+    h, work = _calibration_hessian(w, x, damp)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    out = torch.zeros_like(work)
+    for i in range(work.shape[1]):
+        if i % group_size == 0:
+            scale, zero = _group_grid(work[:, i:i + group_size], bits)
+        q = _round_to_grid(work[:, i], scale, zero, bits)
+        out[:, i] = q
+        err = (work[:, i] - q) / u[i, i]
+        work[:, i + 1:] -= err[:, None] * u[i, i + 1:][None, :]
+    return out.float().to(w.device)
+
+
 @torch.no_grad()
 def quantize_weights(model: nn.Module, bits: int, group_size: int, method: str = "rtn",
                      calibration: dict[str, torch.Tensor] | None = None) -> dict[str, dict]:
     """Replace, in place, the weight of every ``nn.Linear`` of ``model`` by its group-wise
     ``bits``-bit version, dequantized to float32 (weight-only quantization simulated: the
     arithmetic stays float32, the values are those a packed file would hold). ``method``:
-    "rtn" (round to nearest) or "awq" (``awq_scales``, with ``calibration``, the layers' inputs
+    "rtn" (round to nearest), "awq" (``awq_scales``, with ``calibration``, the layers' inputs
     from ``linear_inputs``; the scales are folded into the stored weight, as dividing the input
-    by s and multiplying back gives the same product). Returns, per layer, the alpha chosen
+    by s and multiplying back gives the same product) or "gptq" (``gptq``, with ``calibration``).
+    A layer without calibration inputs is rounded to nearest. Returns, per layer, the alpha chosen
     (AWQ) and the output error on the calibration inputs where there are some."""
-    if method not in ("rtn", "awq"):
-        raise ValueError(f"method must be 'rtn' or 'awq', got {method!r}")
-    if method == "awq" and not calibration:
-        raise ValueError("method 'awq' needs calibration inputs: calibration=linear_inputs(model, batches)")
+    if method not in ("rtn", "awq", "gptq"):
+        raise ValueError(f"method must be 'rtn', 'awq' or 'gptq', got {method!r}")
+    if method != "rtn" and not calibration:
+        raise ValueError(f"method {method!r} needs calibration inputs: calibration=linear_inputs(model, batches)")
     report = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear):
@@ -326,6 +424,10 @@ def quantize_weights(model: nn.Module, bits: int, group_size: int, method: str =
             s, alpha, err = awq_scales(m.weight, x, bits, group_size)
             m.weight.copy_(rtn(m.weight * s, bits, group_size) / s)
             report[name] = {"alpha": alpha, "error": err}
+        elif method == "gptq" and x is not None:
+            old = m.weight.clone()
+            m.weight.copy_(gptq(m.weight, x, bits, group_size))
+            report[name] = {"alpha": 0.0, "error": ((x @ (m.weight - old).T) ** 2).mean().item()}
         else:
             old = m.weight.clone()
             m.weight.copy_(rtn(m.weight, bits, group_size))
@@ -437,5 +539,13 @@ def weight_only_model(model: nn.Module, bits: int, group_size: int = 32) -> nn.M
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the weights a forward pass reads: parameters and buffers (codes, scales)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    """Bytes of the weights a forward pass reads: parameters and buffers (codes, scales), and the
+    int8 weights and float32 biases that PyTorch's dynamically quantized Linear layers keep
+    packed outside them (``quantization.dynamic_int8``; 16 bytes of scale and zero point each)."""
+    total = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    for m in model.modules():
+        packed = getattr(m, "_packed_params", None)
+        if packed is not None and hasattr(packed, "_weight_bias"):
+            w, b = packed._weight_bias()
+            total += w.numel() * w.element_size() + 16 + (0 if b is None else b.numel() * b.element_size())
+    return total

@@ -250,3 +250,190 @@ def test_weight_only_model_is_smaller_and_close():
         serving.weight_only_model(model, 3)
     with pytest.raises(ValueError, match="multiple of 16"):
         serving.Int4WeightLinear.from_linear(torch.nn.Linear(64, 24))
+
+
+# -- GPTQ -------------------------------------------------------------------------------------
+
+def _obs_reference(w, x, bits, group, damp):
+    """GPTQ written as the Optimal Brain Surgeon update with the inverse Hessian itself (no
+    Cholesky factor), in float64: quantize column i, move the later columns by
+    -(w_i - q_i) / Hinv_ii * Hinv_i,:, then remove i from Hinv (Frantar et al., 2023, eqs. 2-3)."""
+    from efficientml.quantization import quantize
+    x, w = x.double(), w.double().clone()
+    h = 2 * x.T @ x / x.shape[0]
+    h += damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    hinv = torch.linalg.inv(h)
+    qmax = 2 ** bits - 1
+    for i in range(w.shape[1]):
+        if i % group == 0:
+            qa = quantize(w[:, i:i + group].float(), bits, axis=0)
+            scale, zero = qa.scale.double(), qa.zero_point.double()
+        q = (torch.clamp(torch.round(w[:, i] / scale) + zero, 0, qmax) - zero) * scale
+        d = hinv[i, i]
+        w[:, i:] -= ((w[:, i] - q) / d)[:, None] * hinv[i, i:][None, :]
+        w[:, i] = q                                                   # (equal already, to rounding)
+        hinv = hinv - torch.outer(hinv[:, i], hinv[i, :]) / d
+    return w.float()
+
+
+@pytest.mark.parametrize("bits,group", [(3, 8), (2, 16), (4, 4)])
+def test_gptq_equals_the_optimal_brain_surgeon_update(bits, group):
+    g = torch.Generator().manual_seed(bits * 100 + group)
+    w = torch.randn(6, 16, generator=g)
+    mix = torch.randn(16, 16, generator=g)
+    x = torch.randn(200, 16, generator=g) @ mix                 # correlated inputs: errors move
+    got = serving.gptq(w, x, bits, group)
+    want = _obs_reference(w, x, bits, group, serving.GPTQ_DAMP)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, serving.rtn(w, bits, group))      # it is not round to nearest
+    for i in range(0, 16, group):                                    # each group of a row: on a grid
+        assert max(len(set(r.tolist())) for r in got[:, i:i + group]) <= 2 ** bits
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest_and_otherwise_beats_it():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 32, generator=g)
+    x = torch.eye(32).repeat(4, 1) * 3.0                          # H a multiple of I: nothing to spread
+    torch.testing.assert_close(serving.gptq(w, x, 3, 8), serving.rtn(w, 3, 8), rtol=0, atol=1e-6)
+    for seed in range(5):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(16, 32, generator=g)
+        x = torch.randn(256, 32, generator=g) @ torch.randn(32, 32, generator=g)
+        err = lambda wq: ((x @ (wq - w).T) ** 2).mean().item()   # noqa: E731
+        assert err(serving.gptq(w, x, 3, 8)) < err(serving.rtn(w, 3, 8))
+
+
+def test_gptq_rejects_bad_input_and_handles_dead_inputs():
+    w, x = torch.randn(4, 16), torch.randn(32, 16)
+    for bad in (dict(bits=1), dict(bits=9), dict(group_size=5)):
+        with pytest.raises(ValueError):
+            serving.gptq(w, x, **({"bits": 3, "group_size": 8} | bad))
+    with pytest.raises(ValueError, match="calibration"):
+        serving.gptq(w, torch.randn(32, 8), 3, 8)
+    x[:, 3] = 0                                                  # an input that is never nonzero
+    q = serving.gptq(w, x, 3, 8)
+    assert torch.isfinite(q).all() and (q[:, 3] == 0).all()
+
+
+def test_quantize_weights_gptq_lowers_every_layers_error():
+    torch.manual_seed(0)
+    model = LanguageModel(11, 16, 2, 1, 32, 0.0, max_len=16)
+    calib = serving.linear_inputs(model, [torch.randint(0, 11, (4, 16)) for _ in range(2)])
+    r = serving.quantize_weights(copy.deepcopy(model), 3, 8, "rtn", calib)
+    gq = serving.quantize_weights(copy.deepcopy(model), 3, 8, "gptq", calib)
+    assert all(gq[n]["error"] <= r[n]["error"] + 1e-9 for n in r)
+    with pytest.raises(ValueError, match="calibration"):
+        serving.quantize_weights(copy.deepcopy(model), 3, 8, "gptq")
+    with pytest.raises(ValueError, match="method"):
+        serving.quantize_weights(copy.deepcopy(model), 3, 8, "gptq2", calib)
+
+
+# -- The packed file --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_groupwise_file_round_trips_and_has_the_packed_size(bits, tmp_path):
+    torch.manual_seed(0)
+    model = LanguageModel(11, 32, 2, 2, 64, 0.0, max_len=16)
+    path = tmp_path / "model.pt"
+    serving.save_groupwise(model, path, bits, 16)
+    want = copy.deepcopy(model)
+    serving.quantize_weights(want, bits, 16)
+    back = serving.load_groupwise(LanguageModel(11, 32, 2, 2, 64, 0.0, max_len=16), path)
+    for (name, a), b in zip(back.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), name
+    saved = torch.load(path, weights_only=True)
+    linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    codes = sum(e["packed"].numel() for e in saved["tensors"].values())
+    assert codes == sum(-(-w.numel() * bits // 8) for w in linear)   # bits per weight, bytes rounded up
+    groups = sum(w.numel() // 16 for w in linear)                     # a float32 scale, a uint8 zero each
+    assert sum(e["scale"].numel() * 4 + e["zero_point"].numel() for e in saved["tensors"].values()) == 5 * groups
+
+
+def test_groupwise_file_rejects_other_files_and_models(tmp_path):
+    model = LanguageModel(11, 32, 2, 1, 64, 0.0, max_len=16)
+    torch.save({"format": 2}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="save_groupwise"):
+        serving.load_groupwise(model, tmp_path / "other.pt")
+    serving.save_groupwise(LanguageModel(11, 32, 2, 2, 64, 0.0, max_len=16), tmp_path / "two.pt", 4, 16)
+    with pytest.raises(ValueError, match="does not have"):
+        serving.load_groupwise(model, tmp_path / "two.pt")
+    with pytest.raises(ValueError, match="divide"):
+        serving.save_groupwise(model, tmp_path / "x.pt", 4, 5)
+
+
+def test_weight_bytes_counts_dynamically_quantized_layers():
+    from efficientml.quantization import dynamic_int8
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    q = dynamic_int8(model)
+    # int8 weights, float32 biases, 16 bytes of scale and zero point per layer
+    assert serving.weight_bytes(q) == (64 * 32 + 32 * 8) + 4 * (32 + 8) + 2 * 16
+    assert serving.weight_bytes(model) == 4 * (64 * 32 + 32 * 8 + 32 + 8)
+
+
+# -- The chapter's experiment (efficientml.experiments.serving), on tiny settings ---------------
+
+def _tiny_settings():
+    from efficientml.experiments import serving as ex
+    return ex.serving_settings() | dict(bits=[8, 2], groups=[8, 16], calibrated_bits=[2], calibration_batches=1,
+                                        calibration_batch_size=4, calibration_seeds=[0, 1], eval_batches=2,
+                                        eval_batch_size=4, block_size=16, spec_ks=[1, 3], spec_prompts=3,
+                                        spec_prompt_len=4, spec_tokens=8, attention_lengths=[16, 64],
+                                        attention_heads=2, attention_d_head=8, attention_tile=16,
+                                        speed_model=dict(d_model=32, n_heads=2, n_layers=1, d_ff=64),
+                                        prompt_len=4, decode_tokens=3, int4_group=32)
+
+
+def test_quantization_sweep_rows():
+    from efficientml.experiments import serving as ex
+    s = _tiny_settings()
+    torch.manual_seed(0)
+    model = LanguageModel(11, 16, 2, 1, 32, 0.0, max_len=16).eval()
+    tokens = torch.randint(0, 11, (500,))
+    windows = {"a": ex.eval_windows(tokens, s, 0), "b": ex.eval_windows(tokens, s, 1)}
+    cal = [ex.calibration_inputs(model, tokens, s, i) for i in s["calibration_seeds"]]
+    rows = ex.quantization_sweep(model, windows, cal, s)
+    # per group: 2 RTN rows; at 2 bits, AWQ and GPTQ with each of 2 calibration sets
+    assert len(rows) == 2 * (2 + 2 * 2)
+    assert {(r["method"], r["seed"]) for r in rows if r["bits"] == 2} == {
+        ("rtn", None), ("awq", 0), ("awq", 1), ("gptq", 0), ("gptq", 1)}
+    fp32 = ex.loss_nats(model, windows["a"])
+    eight = [r["a"] for r in rows if r["bits"] == 8]
+    assert all(abs(v - fp32) < 0.01 for v in eight) and all(r["b"] > 0 for r in rows)
+    sizes = ex.packed_sizes(model, [8, 2], 8)
+    assert sizes[2]["bytes"] < sizes[8]["bytes"] < ex.float32_size(model)
+    assert all(v["round_trip"] for v in sizes.values())
+
+
+def test_decode_timing_and_speed_variants():
+    from efficientml.experiments import serving as ex
+    s = _tiny_settings()
+    model = ex.speed_model(s, 11)
+    prompt = torch.randint(0, 11, (1, s["prompt_len"]))
+    variants = ex.speed_variants(model, s["int4_group"])
+    assert tuple(variants) == ex.SPEED_VARIANTS
+    with torch.no_grad():
+        ref = model(prompt)
+        for name, m in variants.items():
+            assert (m(prompt).float() - ref).abs().max() < 0.5, name
+    t = ex.decode_timing(model, prompt, s["decode_tokens"], min_run_time=0.01)
+    assert t["decode_s"] > 0 and t["prefill_tokens_per_s"] == pytest.approx(s["prompt_len"] / t["prefill_s"])
+    with pytest.raises(ValueError, match="context"):
+        ex.decode_timing(model, prompt, model.max_len)
+
+
+def test_speculative_sweep_and_attention_memory():
+    from efficientml.experiments import serving as ex
+    s = _tiny_settings()
+    torch.manual_seed(0)
+    target = LanguageModel(11, 16, 2, 2, 32, 0.0, max_len=16).eval()
+    draft = LanguageModel(11, 16, 2, 1, 32, 0.0, max_len=16).eval()
+    prompts = ex.spec_prompts(torch.randint(0, 11, (100,)), s)
+    assert len(prompts) == 3 and all(p.shape == (1, 4) for p in prompts)
+    out = ex.speculative_sweep(target, draft, prompts, s)
+    assert set(out["k"]) == {1, 3} and all(r["same_as_target"] for r in out["k"].values())
+    assert all(0 <= r["acceptance"] <= 1 and 1 <= r["tokens_per_round"] <= k + 1 for k, r in out["k"].items())
+    sampled = ex.speculative_sweep(target, draft, prompts, s, temperature=1.0)
+    assert all(r["same_as_target"] is None for r in sampled["k"].values())
+    mem = ex.attention_memory(s)
+    assert [r["length"] for r in mem] == [16, 64] and all(r["max_diff"] < 1e-5 for r in mem)
+    assert mem[1]["naive"] > mem[1]["tiled"]          # the 64 x 64 scores: 2 heads, 32 KiB, and softmax's copy
