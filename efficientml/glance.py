@@ -83,6 +83,7 @@ FULL: dict[str, Callable[[dict], dict]] = {
     "cost": lambda r: {},
     "cost-checked": lambda r: {},
     "scale": lambda r: {},          # Chapter 8 runs the same in every profile: no full result
+    "serving": lambda r: {},        # so does Chapter 9
     "language-model": lambda r: {"val_loss_nats": r["val_loss_nats"], "kv_cache_equal": r.get("kv_cache_equal")} | {
         f"finetune/{k}": LN2 * _mean_last(v, "test_loss") for k, v in r.get("finetune", {}).get("runs", {}).items()},
 }
@@ -179,6 +180,29 @@ CHAPTERS: tuple[Chapter, ...] = (
             measured=True),
         Row("the model's gradients all-reduced in one bucket: times faster than one call per tensor", "scale",
             "bucket_speedup", fmt="x", measured=True)), one_profile=True),
+    Chapter(9, "Serving a language model cheaply", "09_serving",
+            "Chapter 6's quick language model (0.8M parameters) on Tiny Shakespeare; timings of a wider "
+            "model of the same architecture", (
+        Row("float32 model: validation loss (nats)", "serving", "fp32/validation", fmt="nats"),
+        Row("4-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/4/validation", fmt="nats"),
+        Row("2-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/2/validation", fmt="nats"),
+        Row("... AWQ (mean of 3 calibration sets)", "serving", "loss/awq/32/2/validation", fmt="nats"),
+        Row("... GPTQ (mean of 3 calibration sets)", "serving", "loss/gptq/32/2/validation", fmt="nats"),
+        Row("4-bit packed file (groups of 32): times smaller than float32", "serving", "file_ratio/4", fmt="x"),
+        Row("KV cache: the formula equals the measured bytes", "serving", "kv_cache_equal", fmt="text"),
+        Row("causal attention over 4,096 tokens, peak memory: naive", "serving", "attention_mb/4096/naive",
+            fmt="MB"),
+        Row("... tiled, with an online softmax", "serving", "attention_mb/4096/tiled", fmt="MB"),
+        Row("float32 decoding, batch 1: prefill tokens per second over decoding's", "serving",
+            "prefill_over_decode", fmt="x", measured=True),
+        Row("int8 weights, PyTorch's dynamic quantization: decoding speed-up", "serving",
+            "decode_speedup/int8 dynamic", fmt="x2", measured=True),
+        Row("int4 weights, PyTorch's weight-only kernel: decoding speed-up", "serving",
+            "decode_speedup/int4 weight-only", fmt="x2", measured=True),
+        Row("speculative decoding, greedy: the target's own text", "serving", "greedy_same", fmt="text"),
+        Row("... first guesses of the 1-block draft kept (k = 1)", "serving", "acceptance/greedy/1"),
+        Row("... best measured speed-up", "serving", "best_greedy_speedup", fmt="x2", measured=True)),
+            one_profile=True),
 )
 
 

@@ -229,3 +229,68 @@ def plot_memory_curves(x: Sequence[float], curves: Mapping[str, Sequence[float]]
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8)
     return ax
+
+
+def plot_weight_quantization(rows: Sequence[Mapping], float32_loss: float, split: str, ax=None,
+                             title: str | None = None):
+    """The serving chapter's sweep: loss (nats) on ``split`` against bits per weight, one line per
+    (method, group size), the mean over calibration sets with their range as error bars; the
+    float32 model's loss dashed."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7.5, 4.3))
+    keys = sorted({(r["group"], r["method"]) for r in rows}, key=lambda k: (k[0], "rtn awq gptq".index(k[1])))
+    styles = {"rtn": "o-", "awq": "s--", "gptq": "D:"}
+    names = {"rtn": "round to nearest", "awq": "AWQ", "gptq": "GPTQ"}
+    for group, method in keys:
+        bits = sorted({r["bits"] for r in rows if (r["group"], r["method"]) == (group, method)}, reverse=True)
+        vals = [[r[split] for r in rows if (r["group"], r["method"], r["bits"]) == (group, method, b)] for b in bits]
+        mean = np.array([np.mean(v) for v in vals])
+        err = np.array([[m - min(v) for v, m in zip(vals, mean)], [max(v) - m for v, m in zip(vals, mean)]])
+        ax.errorbar(bits, mean, yerr=err, fmt=styles[method], ms=4, capsize=3,
+                    color="C0" if group == min(k[0] for k in keys) else "C3", label=f"{names[method]}, groups of {group}")
+    ax.axhline(float32_loss, color="k", ls="--", lw=1, label="float32")
+    ax.invert_xaxis()
+    ax.set(xlabel="bits per weight", ylabel=f"loss on the {split} text (nats)", title=title)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.25)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_decode_speeds(speeds: Mapping[str, Mapping], bandwidth: float, ax=None, title: str | None = None):
+    """The serving chapter's decoding: milliseconds per generated token against the megabytes of
+    weights each variant reads per token (log-log), and the time reading those bytes takes at the
+    measured copy rate ``bandwidth`` (bytes/s): the memory roof."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 4.2))
+    mb = np.array([v["weight_bytes"] for v in speeds.values()]) / 1e6
+    for (name, v), marker in zip(speeds.items(), "osD^v"):
+        ax.plot(v["weight_bytes"] / 1e6, 1e3 * v["decode_s"], marker, ms=7, label=name)
+    x = np.logspace(np.log10(mb.min() / 1.5), np.log10(mb.max() * 1.5), 50)
+    ax.plot(x, 1e3 * x * 1e6 / bandwidth, "k--", lw=1, label="reading the weights at the copy rate")
+    ax.set(xscale="log", yscale="log", xlabel="weights read per token (MB)", ylabel="ms per token (batch 1)",
+           title=title)
+    ax.grid(True, which="both", alpha=0.25)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_speculative(sweeps: Mapping[str, Mapping], axes=None):
+    """The serving chapter's speculative decoding: tokens gained per target call, and the measured
+    speed-up over the target alone, against the draft length k; one line per ``{label: sweep}``
+    (``experiments.serving.speculative_sweep``'s results)."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for (label, sw), style in zip(sweeps.items(), ("o-", "s--")):
+        ks = sorted(sw["k"])
+        axes[0].plot(ks, [sw["k"][k]["tokens_per_round"] for k in ks], style, label=label)
+        axes[1].plot(ks, [sw["k"][k]["speedup"] for k in ks], style, label=label)
+    axes[0].plot(ks, [k + 1 for k in ks], "k:", lw=1, label="every guess kept (k + 1)")
+    axes[1].axhline(1, color="k", lw=1, ls=":")
+    axes[0].set(xlabel="draft length k", ylabel="tokens per target call")
+    axes[1].set(xlabel="draft length k", ylabel="speed-up over the target alone")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.25)
+        ax.legend(fontsize=8)
+    return axes

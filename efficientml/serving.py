@@ -549,3 +549,40 @@ def weight_bytes(model: nn.Module) -> int:
             w, b = packed._weight_bias()
             total += w.numel() * w.element_size() + 16 + (0 if b is None else b.numel() * b.element_size())
     return total
+
+
+# -- The chapter's exercise --------------------------------------------------------------------
+
+def check_tiled_attention(fn) -> None:
+    """The serving chapter's exercise: check a reader's ``fn(q, k, v, causal=False, tile=64)``,
+    attention computed a tile of keys at a time with an online softmax. In float64 it must equal
+    ``transformer.attention`` (to 1e-10) on shapes whose lengths are not multiples of the tile,
+    with and without the causal mask (query i sees keys up to T_k - T_q + i), with scores large
+    enough to overflow a softmax that does not subtract a maximum; and over 1024 keys and
+    queries it must never hold a whole 1024 x 1024 matrix of float32 scores (peak memory from the
+    profiler). Raises AssertionError naming what failed; prints what passed."""
+    from .lora import cpu_memory_levels
+    from .transformer import attention
+    cases = [(5, 5, 2, False), (13, 13, 4, True), (37, 37, 16, False), (37, 37, 16, True), (3, 20, 7, True),
+             (65, 65, 64, True), (1, 9, 4, False)]
+    g = torch.Generator().manual_seed(0)
+    for t_q, t_k, tile, causal in cases:
+        q, k, v = (torch.randn(2, 3, t, 8, generator=g, dtype=torch.float64) * 10 for t in (t_q, t_k, t_k))
+        mask = torch.ones(t_q, t_k, dtype=torch.bool).tril(diagonal=t_k - t_q) if causal else None
+        want = attention(q, k, v, mask)[0]
+        call = f"fn(q, k, v, causal={causal}, tile={tile}) with T_q={t_q}, T_k={t_k}"
+        got = fn(q, k, v, causal=causal, tile=tile)
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape:
+            raise AssertionError(f"{call} returned {getattr(got, 'shape', type(got))}, want shape {tuple(want.shape)}")
+        diff = (got - want).abs().max().item()
+        if not diff <= 1e-10:
+            raise AssertionError(f"{call} differs from naive attention by {diff:.3g} (float64; want <= 1e-10)")
+    t = 1024
+    q, k, v = (torch.randn(1, 1, t, 16, generator=g) for _ in range(3))
+    peak, _ = cpu_memory_levels(lambda: fn(q, k, v, causal=True, tile=64))
+    scores = 4 * t * t
+    if peak >= scores:
+        raise AssertionError(f"over {t} positions fn allocated {peak:,} bytes at once: a whole {t} x {t} "
+                             f"matrix of scores is {scores:,}")
+    print(f"equal to naive attention on {len(cases)} shapes (float64, causal and not); over {t} positions "
+          f"it held at most {peak / 1e6:.2f} MB, less than one {t} x {t} matrix ({scores / 1e6:.2f} MB)")

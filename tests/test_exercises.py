@@ -180,3 +180,18 @@ def test_chapter8_exercise1_solution_passes_the_check(capsys):
     assert f(5, 33, 24, 3, 40) == parallel.layer_activation_bytes(5, 33, 24, 3, 40)
     t = ns["crossover"]   # the attention weights (4 h T^2 bytes, h = 4) pass half of the block
     assert 32 * t * t > f(1, t, 128, 4, 512) and 32 * (t - 1) ** 2 <= f(1, t - 1, 128, 4, 512)
+
+
+CH9 = BOOK / "09_serving.ipynb"
+
+
+def test_chapter9_exercise1_solution_passes_the_check(capsys):
+    from efficientml import serving
+    snippet = exercise_snippets(CH9)[1][0]
+    assert free_names(snippet) <= {"torch", "serving", "my_tiled_attention", "q", "k", "v", "causal", "tile"}
+    ns = {"torch": torch, "serving": serving}
+    exec(snippet, ns)
+    assert "equal to naive attention" in capsys.readouterr().out
+    q, k, v = (torch.randn(1, 2, 10, 4) for _ in range(3))
+    torch.testing.assert_close(ns["my_tiled_attention"](q, k, v, causal=True, tile=3),
+                               serving.tiled_attention(q, k, v, causal=True, tile=3))

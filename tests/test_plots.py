@@ -78,3 +78,25 @@ def test_chapter8_figures_draw_what_they_are_given():
     ax = plot_memory_curves([1, 2], {"a": [1e9, 2e9], "b": [3e9, 3e9]}, "length")
     np.testing.assert_allclose(ax.lines[0].get_ydata(), [1, 2])         # in GB
     plt.close("all")
+
+
+def test_serving_plots_draw_one_line_per_method_and_variant():
+    import matplotlib.pyplot as plt
+    from efficientml.plots import plot_decode_speeds, plot_speculative, plot_weight_quantization
+    rows = [{"method": "rtn", "group": g, "bits": b, "seed": None, "val": 2.0 - 0.1 * b} for g in (32, 128)
+            for b in (8, 4, 2)]
+    rows += [{"method": "gptq", "group": 32, "bits": 2, "seed": i, "val": 1.9 + 0.01 * i} for i in range(3)]
+    ax = plot_weight_quantization(rows, 1.0, "val")
+    assert len(ax.containers) == 3                       # rtn x 2 groups, gptq x 1: one errorbar each
+    gptq = ax.containers[1]                              # ordered by group, then rtn, awq, gptq
+    assert gptq.lines[0].get_ydata()[0] == pytest.approx(1.91)   # the mean of the 3 calibration sets
+    assert ax.xaxis_inverted()
+    speeds = {"float32": {"weight_bytes": 4e8, "decode_s": 0.02}, "int8": {"weight_bytes": 1e8, "decode_s": 0.006}}
+    ax = plot_decode_speeds(speeds, bandwidth=4e10)
+    assert len(ax.lines) == 3 and ax.lines[0].get_ydata()[0] == pytest.approx(20.0)
+    roof = ax.lines[2]        # reading 400 MB at 40 GB/s: 10 ms
+    assert np.interp(400, roof.get_xdata(), roof.get_ydata()) == pytest.approx(10.0, rel=1e-2)
+    sweep = {"k": {1: {"tokens_per_round": 1.5, "speedup": 1.1}, 2: {"tokens_per_round": 1.9, "speedup": 1.2}}}
+    axes = plot_speculative({"greedy": sweep})
+    assert list(axes[0].lines[0].get_ydata()) == [1.5, 1.9] and list(axes[1].lines[0].get_ydata()) == [1.1, 1.2]
+    plt.close("all")

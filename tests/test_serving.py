@@ -437,3 +437,24 @@ def test_speculative_sweep_and_attention_memory():
     mem = ex.attention_memory(s)
     assert [r["length"] for r in mem] == [16, 64] and all(r["max_diff"] < 1e-5 for r in mem)
     assert mem[1]["naive"] > mem[1]["tiled"]          # the 64 x 64 scores: 2 heads, 32 KiB, and softmax's copy
+
+
+def test_check_tiled_attention_rejects_wrong_and_naive_versions(capsys):
+    serving.check_tiled_attention(serving.tiled_attention)
+    assert "equal to naive attention" in capsys.readouterr().out
+
+    def naive(q, k, v, causal=False, tile=64):          # right values, but the whole matrix of scores
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril(k.shape[-2] - q.shape[-2])
+        return attention(q, k, v, mask if causal else None)[0]
+
+    with pytest.raises(AssertionError, match="matrix of scores"):
+        serving.check_tiled_attention(naive)
+
+    def no_offset(q, k, v, causal=False, tile=64):       # causal mask from position 0: wrong when T_q < T_k
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool).tril()
+        return attention(q, k, v, mask if causal else None)[0]
+
+    with pytest.raises(AssertionError, match="T_q=3, T_k=20"):
+        serving.check_tiled_attention(no_offset)
+    with pytest.raises(AssertionError, match="shape"):
+        serving.check_tiled_attention(lambda q, k, v, causal=False, tile=64: q[..., :1])

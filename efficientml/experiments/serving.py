@@ -25,8 +25,8 @@ from .language_model import new_text_split, train_language_model
 # bits and group sizes of the sweep; calibration: batches of the training text (AWQ), drawn with
 # each of ``calibration_seeds``; evaluation: fixed windows of the validation text and of the new
 # play's held-out part (Chapter 6's ``new_text_split``).
-SERVING = dict(bits=[8, 6, 4, 3, 2], groups=[32, 128], calibrated_bits=[4, 3, 2], calibration_batches=2,
-               calibration_batch_size=16, calibration_seeds=[0, 1, 2], eval_batches=4, eval_batch_size=32,
+SERVING = dict(bits=[8, 6, 4, 3, 2], groups=[32, 128], calibrated_bits=[3, 2], calibration_batches=2,
+               calibration_batch_size=16, calibration_seeds=[0, 1, 2], eval_batches=8, eval_batch_size=32,
                draft_layers=1, draft_steps_per_epoch=100,
                speed_model=dict(d_model=1024, n_heads=16, n_layers=6, d_ff=4096), prompt_len=16,
                decode_tokens=16, int4_group=32,
