@@ -200,8 +200,11 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("int4 weights, PyTorch's weight-only kernel: decoding speed-up", "serving",
             "decode_speedup/int4 weight-only", fmt="x2", measured=True),
         Row("speculative decoding, greedy: the target's own text", "serving", "greedy_same", fmt="text"),
-        Row("... first guesses of the 1-block draft kept (k = 1)", "serving", "acceptance/greedy/1"),
-        Row("... best measured speed-up", "serving", "best_greedy_speedup", fmt="x2", measured=True)),
+        Row("... first guesses kept (k = 1): 1-block network draft", "serving", "acceptance/network/greedy/1"),
+        Row("... trigram table draft", "serving", "acceptance/table/greedy/1"),
+        Row("... best measured speed-up: 1-block network draft", "serving", "best_greedy_speedup/network",
+            fmt="x2", measured=True),
+        Row("... trigram table draft", "serving", "best_greedy_speedup/table", fmt="x2", measured=True)),
             one_profile=True),
 )
 

@@ -250,7 +250,7 @@ def plot_weight_quantization(rows: Sequence[Mapping], float32_loss: float, split
                     color="C0" if group == min(k[0] for k in keys) else "C3", label=f"{names[method]}, groups of {group}")
     ax.axhline(float32_loss, color="k", ls="--", lw=1, label="float32")
     ax.invert_xaxis()
-    ax.set(xlabel="bits per weight", ylabel=f"loss on the {split} text (nats)", title=title)
+    ax.set(xlabel="bits per code (b)", ylabel=f"loss on the {split} text (nats)", title=title)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.25)
     ax.legend(fontsize=8)
@@ -271,7 +271,7 @@ def plot_decode_speeds(speeds: Mapping[str, Mapping], bandwidth: float, ax=None,
     ax.set(xscale="log", yscale="log", xlabel="weights read per token (MB)", ylabel="ms per token (batch 1)",
            title=title)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # beside the points, not on them
     return ax
 
 
@@ -281,7 +281,7 @@ def plot_speculative(sweeps: Mapping[str, Mapping], axes=None):
     (``experiments.serving.speculative_sweep``'s results)."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    for (label, sw), style in zip(sweeps.items(), ("o-", "s--")):
+    for (label, sw), style in zip(sweeps.items(), ("o-", "s--", "D:", "^-.", "v-", "x--")):
         ks = sorted(sw["k"])
         axes[0].plot(ks, [sw["k"][k]["tokens_per_round"] for k in ks], style, label=label)
         axes[1].plot(ks, [sw["k"][k]["speedup"] for k in ks], style, label=label)

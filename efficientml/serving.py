@@ -104,6 +104,55 @@ def _truncate(caches: list[dict], length: int) -> None:
 
 # -- Speculative decoding ----------------------------------------------------------------------
 
+class NGramDraft(nn.Module):
+    """A draft model for ``speculative_generate`` without a network: an n-gram model's
+    next-token log-probabilities (how often each token followed each context of n - 1 tokens in
+    a text, add-``alpha`` smoothed), looked up in a table of V^(n-1) x V entries. It keeps no
+    cache (each call looks the whole sequence up: a gather, microseconds).
+
+    forward(tokens (B, T), start=0, caches=None) -> log-probabilities (B, T, V): position t's
+    context is tokens t - n + 2 .. t, padded on the left with token 0 before the text starts.
+    ``from_tokens(tokens, vocab_size, n, alpha)`` counts them in a 1-D tensor of token ids."""
+
+    def __init__(self, log_probs: torch.Tensor, n: int):
+        super().__init__()
+        self.n, self.vocab_size = n, log_probs.shape[1]
+        self.log_probs = nn.Parameter(log_probs, requires_grad=False)   # a parameter: it names the device
+        self.layers = nn.ModuleList()                                   # no KV cache
+        self.max_len = 2 ** 62                                          # no context limit
+
+    @classmethod
+    def from_tokens(cls, tokens: torch.Tensor, vocab_size: int, n: int = 3, alpha: float = 0.01) -> "NGramDraft":
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.int64:
+            raise TypeError(f"tokens must be a 1-D int64 tensor, got {getattr(tokens, 'dtype', type(tokens))}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0 (unseen contexts need a distribution), got {alpha}")
+        if len(tokens) < n or tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(f"need at least n = {n} tokens, all in 0..{vocab_size - 1}")
+        idx = cls._context_index(tokens[None].cpu(), n, vocab_size)[0, :-1] * vocab_size + tokens[1:].cpu()
+        counts = torch.bincount(idx, minlength=vocab_size ** n).reshape(vocab_size ** (n - 1), vocab_size).double()
+        probs = (counts + alpha) / (counts.sum(1, keepdim=True) + alpha * vocab_size)
+        return cls(probs.log().float(), n)
+
+    @staticmethod
+    def _context_index(tokens: torch.Tensor, n: int, vocab_size: int) -> torch.Tensor:
+        """(B, T): the row of the table for each position's context of n - 1 tokens."""
+        padded = torch.nn.functional.pad(tokens, (n - 2, 0)) if n > 2 else tokens
+        idx = torch.zeros_like(tokens)
+        for j in range(n - 1):
+            idx = idx * vocab_size + padded[:, j:j + tokens.shape[1]]
+        return idx
+
+    def forward(self, tokens: torch.Tensor, start: int = 0, caches: list | None = None) -> torch.Tensor:
+        return self.log_probs[self._context_index(tokens, self.n, self.vocab_size)]
+
+
+def _vocab(model: nn.Module) -> int:
+    return model.vocab_size if isinstance(model, NGramDraft) else model.out.out_features
+
+
 @dataclass
 class SpeculativeStats:
     """What a ``speculative_generate`` call did: ``rounds`` (target calls after the prompt),
@@ -138,7 +187,8 @@ def speculative_generate(target: LanguageModel, draft: LanguageModel, prompt: to
                          k: int = 4, temperature: float = 0.0,
                          generator: torch.Generator | None = None) -> tuple[torch.Tensor, SpeculativeStats]:
     """Extend ``prompt`` (1, T0) by ``n_tokens`` tokens of ``target``, ``k`` guessed at a time by
-    ``draft``; returns (tokens (1, T0 + n_tokens), ``SpeculativeStats``).
+    ``draft`` (a smaller ``LanguageModel``, or an ``NGramDraft``); returns (tokens (1, T0 +
+    n_tokens), ``SpeculativeStats``).
 
     Each round the draft proposes up to k tokens one by one (from its own cache); the target
     scores all of them in one call (k + 1 positions: its next-token distribution after each
@@ -157,7 +207,7 @@ def speculative_generate(target: LanguageModel, draft: LanguageModel, prompt: to
         raise ValueError(f"the draft model is on {_model_device(draft)}, the target on {device}")
     if prompt.shape[0] != 1:
         raise ValueError(f"speculative_generate decodes one sequence: prompt must be (1, T), got {tuple(prompt.shape)}")
-    v_t, v_d = target.out.out_features, draft.out.out_features
+    v_t, v_d = _vocab(target), _vocab(draft)
     if v_t != v_d:
         raise ValueError(f"the draft's vocabulary ({v_d} tokens) differs from the target's ({v_t})")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -311,8 +361,9 @@ def linear_inputs(model: nn.Module, batches, max_rows: int = 4096) -> dict[str, 
     model.eval()
     try:
         with torch.no_grad():
+            device = _model_device(model)
             for tokens in batches:
-                model(tokens)
+                model(tokens.to(device))
     finally:
         for h in hooks:
             h.remove()
@@ -387,7 +438,7 @@ def gptq(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, damp: flo
     (``quantization.quantize``'s min/max) are set from the group's weights as they are when the
     group is reached. Returns the dequantized weight (out, in), float32, on ``w``'s device."""
     quantize_groupwise(w, bits, group_size)                      # the same checks as round to nearest
-    h, work = _calibration_hessian(w, x, damp)
+    h, work = _calibration_hessian(w.detach().cpu(), x.detach().cpu(), damp)   # float64: on the CPU
     u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     out = torch.zeros_like(work)
     for i in range(work.shape[1]):

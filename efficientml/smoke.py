@@ -441,6 +441,49 @@ def chapter8_helpers(device: torch.device, tmp: Path) -> str:
     return "checkpointed and accumulated gradients on the device, 2 processes (DDP, FSDP2) on gloo"
 
 
+def chapter9_helpers(device: torch.device, tmp: Path) -> str:
+    """Chapter 9's cells that run on any device, on tiny models built there: calibration inputs,
+    round to nearest, AWQ and GPTQ in place; the packed group-wise file written and read back
+    into a model on the device; the KV cache's bytes; tiled attention against naive attention;
+    greedy speculative decoding against the target's own greedy text. (The int8 and int4
+    kernels and the timings are the CPU's: the chapter runs them there.)"""
+    from . import serving
+    from .experiments import serving as ex
+    from .transformer import LanguageModel, attention
+    torch.manual_seed(0)
+    with _building_on(device):
+        target = LanguageModel(13, 32, 2, 2, 64, 0.0, max_len=16).to(device).eval()
+        draft = LanguageModel(13, 32, 2, 1, 64, 0.0, max_len=16).to(device).eval()
+    tokens = torch.randint(0, 13, (200,), device="cpu")     # text lives on the CPU, as the chapter's
+    s = ex.serving_settings() | dict(block_size=16, calibration_batches=1, calibration_batch_size=4,
+                                     eval_batches=1, eval_batch_size=4, spec_ks=[2], spec_prompts=2,
+                                     spec_prompt_len=3, spec_tokens=8)
+    calib = ex.calibration_inputs(target, tokens, s, 0)
+    for method in ("rtn", "awq", "gptq"):
+        q = copy.deepcopy(target)
+        serving.quantize_weights(q, 3, 16, method, calib)
+        _on(q.out.weight, device, f"the {method} weights")
+        _expect(math.isfinite(ex.loss_nats(q, ex.eval_windows(tokens, s, 0))), f"{method}: loss not finite")
+    serving.save_groupwise(target, tmp / "model.pt", 4, 16)
+    back = serving.load_groupwise(copy.deepcopy(target), tmp / "model.pt")
+    want = copy.deepcopy(target)
+    serving.quantize_weights(want, 4, 16)
+    _expect(all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), want.state_dict().values())),
+            "the packed file read back differs from the RTN weights")
+    caches = [{} for _ in target.layers]
+    prompt = tokens[:10][None].to(device)
+    with torch.no_grad():
+        target(prompt, caches=caches)
+    _expect(serving.cache_bytes(caches) == serving.kv_cache_bytes(2, 32, 10), "KV cache bytes differ")
+    q, k, v = (torch.randn(1, 2, 37, 8, device=device) for _ in range(3))
+    mask = torch.ones(37, 37, dtype=torch.bool, device=device).tril()
+    _expect(_close(serving.tiled_attention(q, k, v, causal=True, tile=8), attention(q, k, v, mask)[0], device, 1e-5),
+            "tiled attention differs from naive attention")
+    sweep = ex.speculative_sweep(target, draft, ex.spec_prompts(tokens, s), s)
+    _expect(sweep["k"][2]["same_as_target"], "greedy speculative decoding differs from the target's greedy text")
+    return "RTN, AWQ, GPTQ, the packed file, KV cache bytes, tiled attention, speculative decoding"
+
+
 HELPER_CHECKS: dict[str, Callable[[torch.device, Path], str]] = {
     "chapter 2 helpers": chapter2_helpers,
     "chapter 3 helpers": chapter3_helpers,
@@ -449,6 +492,7 @@ HELPER_CHECKS: dict[str, Callable[[torch.device, Path], str]] = {
     "chapter 6 helpers": chapter6_helpers,
     "chapter 7 helpers": chapter7_helpers,
     "chapter 8 helpers": chapter8_helpers,
+    "chapter 9 helpers": chapter9_helpers,
 }
 
 

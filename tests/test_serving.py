@@ -458,3 +458,44 @@ def test_check_tiled_attention_rejects_wrong_and_naive_versions(capsys):
         serving.check_tiled_attention(no_offset)
     with pytest.raises(AssertionError, match="shape"):
         serving.check_tiled_attention(lambda q, k, v, causal=False, tile=64: q[..., :1])
+
+
+# -- An n-gram table as the draft -------------------------------------------------------------
+
+def test_ngram_draft_gives_the_smoothed_counts():
+    tokens = torch.tensor([0, 1, 2, 1, 2, 1, 0, 1, 2, 2])
+    bigram = serving.NGramDraft.from_tokens(tokens, 3, n=2, alpha=0.5)
+    # after token 1 came 2, 2, 0, 2: (count + 0.5) / (4 + 1.5)
+    logp = bigram(torch.tensor([[0, 1]]))
+    torch.testing.assert_close(logp[0, 1].exp(), torch.tensor([1.5, 0.5, 3.5]) / 5.5)
+    # after token 0 came 1, 1: position 0's context is token 0
+    torch.testing.assert_close(logp[0, 0].exp(), torch.tensor([0.5, 2.5, 0.5]) / 3.5)
+    trigram = serving.NGramDraft.from_tokens(tokens, 3, n=3, alpha=1.0)
+    # after (2, 1) came 2 and 0; at position 0 the context is (0 padded, token)
+    logp = trigram(torch.tensor([[2, 1]]))
+    torch.testing.assert_close(logp[0, 1].exp(), torch.tensor([2.0, 1.0, 2.0]) / 5)
+    torch.testing.assert_close(logp[0, 0].exp(), torch.full((3,), 1 / 3))      # (0, 2): never seen
+    assert logp.shape == (1, 2, 3) and torch.allclose(logp.exp().sum(-1), torch.ones(1, 2))
+    for bad in (dict(n=0), dict(alpha=0.0)):
+        with pytest.raises(ValueError):
+            serving.NGramDraft.from_tokens(tokens, 3, **bad)
+    with pytest.raises(ValueError):
+        serving.NGramDraft.from_tokens(tokens, 2)                             # token 2 outside 0..1
+    with pytest.raises(TypeError):
+        serving.NGramDraft.from_tokens(tokens.float(), 3)
+
+
+def test_speculative_decoding_with_an_ngram_draft():
+    torch.manual_seed(0)
+    target = LanguageModel(11, 16, 2, 2, 32, 0.0, max_len=40).eval()
+    text = torch.randint(0, 11, (500,))
+    draft = serving.NGramDraft.from_tokens(text, 11, n=3)
+    prompt = text[:5][None]
+    got, stats = serving.speculative_generate(target, draft, prompt, 20, k=3)
+    assert torch.equal(got, target.generate(prompt, 20, temperature=0))
+    assert stats.proposed > 0 and 1 <= stats.tokens_per_round <= 4
+    sampled, _ = serving.speculative_generate(target, draft, prompt, 20, k=3, temperature=1.0,
+                                              generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (1, 25)
+    with pytest.raises(ValueError, match="vocabulary"):
+        serving.speculative_generate(target, serving.NGramDraft.from_tokens(text, 12), prompt, 5)

@@ -32,7 +32,8 @@ SERVING = dict(bits=[8, 6, 4, 3, 2], groups=[32, 128], calibrated_bits=[3, 2], c
                decode_tokens=16, int4_group=32,
                attention_lengths=[256, 512, 1024, 2048, 4096], attention_heads=4, attention_d_head=32,
                attention_tile=128,
-               spec_ks=[1, 2, 3, 4, 6], spec_prompts=12, spec_prompt_len=8, spec_tokens=48)
+               spec_ks=[1, 2, 3, 4, 6], spec_prompts=12, spec_prompt_len=8, spec_tokens=48, ngram_n=3,
+               ngram_alpha=0.01)
 
 
 def serving_settings() -> dict:
@@ -42,7 +43,7 @@ def serving_settings() -> dict:
 
 def train_draft(s: dict, device=None, progress=None):
     """The draft model of speculative decoding: Chapter 6's recipe with ``draft_layers`` blocks
-    and ``draft_steps_per_epoch`` steps per epoch (a tenth of the target's training when 100)."""
+    and ``draft_steps_per_epoch`` steps per epoch (the target's ``steps_per_epoch``: 200)."""
     d = s | dict(n_layers=s["draft_layers"], steps_per_epoch=s["draft_steps_per_epoch"])
     model, hist, *_ = train_language_model(d, device, progress)
     return model, hist
@@ -99,7 +100,9 @@ def quantization_sweep(model: nn.Module, windows: dict[str, list], calibrations:
 
 def packed_sizes(model: nn.Module, bits: list[int], group: int) -> dict[int, dict]:
     """Per bit width: the bytes of ``serving.save_groupwise``'s file (written to memory and read
-    back), and whether the model read back gives exactly the round-to-nearest weights."""
+    back), whether the model read back gives exactly the round-to-nearest weights, and what the
+    file holds: the bytes of packed codes, scales and zero points (``codes_and_scales``) and of
+    the float32 tensors (``float32``); the rest is ``torch.save``'s container."""
     out = {}
     for b in bits:
         buf = io.BytesIO()
@@ -110,7 +113,12 @@ def packed_sizes(model: nn.Module, bits: list[int], group: int) -> dict[int, dic
         want = copy.deepcopy(model)
         serving.quantize_weights(want, b, group, "rtn")
         same = all(torch.equal(x, y) for x, y in zip(back.state_dict().values(), want.state_dict().values()))
-        out[b] = {"bytes": size, "round_trip": same}
+        buf.seek(0)
+        saved = torch.load(buf, weights_only=True)
+        payload = sum(t.numel() * t.element_size() for entry in saved["tensors"].values()
+                      for t in entry.values() if torch.is_tensor(t))
+        floats = sum(t.numel() * t.element_size() for t in saved["float32"].values())
+        out[b] = {"bytes": size, "round_trip": same, "codes_and_scales": payload, "float32": floats}
     return out
 
 
@@ -241,13 +249,22 @@ def speculative_sweep(target: LanguageModel, draft: LanguageModel, prompts: list
     """For each k in ``spec_ks``: speculative decoding of ``spec_tokens`` tokens after every
     prompt; acceptance rate, tokens per target call, wall seconds over all prompts, and (greedy)
     whether every output equals ``target.generate``'s. ``baseline_s``: the target alone, with
-    its KV cache; ``draft_s``: the draft alone."""
+    its KV cache; ``draft_s``: the draft alone (an ``NGramDraft``: greedy lookups)."""
     n = s["spec_tokens"]
+    device = next(target.parameters()).device
+    prompts = [p.to(device) for p in prompts]
 
     def plain(model):
         t0 = time.perf_counter()
-        outs = [model.generate(p, n, temperature=temperature, generator=torch.Generator().manual_seed(seed))
-                for p in prompts]
+        if isinstance(model, serving.NGramDraft):                    # no generate: one lookup per token
+            outs = []
+            for p in prompts:
+                for _ in range(n):
+                    p = torch.cat([p, model(p)[:, -1].argmax(-1, keepdim=True)], dim=1)
+                outs.append(p)
+        else:
+            outs = [model.generate(p, n, temperature=temperature, generator=torch.Generator().manual_seed(seed))
+                    for p in prompts]
         return outs, time.perf_counter() - t0
 
     plain(target)                                                   # warm-up
