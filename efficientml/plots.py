@@ -270,6 +270,12 @@ def plot_decode_speeds(speeds: Mapping[str, Mapping], bandwidth: float, ax=None,
     ax.plot(x, 1e3 * x * 1e6 / bandwidth, "k--", lw=1, label="reading the weights at the copy rate")
     ax.set(xscale="log", yscale="log", xlabel="weights read per token (MB)", ylabel="ms per token (batch 1)",
            title=title)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000) if x.min() <= t <= x.max()]
+    if ticks:                     # a range under a decade: plain labels, not crowded minor ones
+        ax.set_xticks(ticks)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="both", alpha=0.25)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))   # beside the points, not on them
     return ax
