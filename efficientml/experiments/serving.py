@@ -114,19 +114,12 @@ def packed_sizes(model: nn.Module, bits: list[int], group: int) -> dict[int, dic
         serving.quantize_weights(want, b, group, "rtn")
         same = all(torch.equal(x, y) for x, y in zip(back.state_dict().values(), want.state_dict().values()))
         buf.seek(0)
-        saved = torch.load(buf, weights_only=True)
+        saved = torch.load(buf, map_location="cpu", weights_only=True)
         payload = sum(t.numel() * t.element_size() for entry in saved["tensors"].values()
                       for t in entry.values() if torch.is_tensor(t))
         floats = sum(t.numel() * t.element_size() for t in saved["float32"].values())
         out[b] = {"bytes": size, "round_trip": same, "codes_and_scales": payload, "float32": floats}
     return out
-
-
-def float32_size(model: nn.Module) -> int:
-    """Bytes of ``torch.save(model.state_dict())``."""
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, buf)
-    return buf.getbuffer().nbytes
 
 
 # -- Decoding against prefill ------------------------------------------------------------------
