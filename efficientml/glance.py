@@ -59,12 +59,49 @@ class Row:
     measured: bool = False        # a figure of the machine (checks.measured): shown, never checked
 
 
+def _quick(name: str) -> dict:
+    from .experiments import settings
+    return settings(name, "quick")
+
+
+def _seeds(s: dict) -> str:
+    return f"mean of {len(s['seeds'])} seeds"
+
+
+def _per_class(n) -> str:
+    return "all its training images" if n is None else f"{n} training images per class"
+
+
+def _subset_convnet(name: str) -> str:
+    s = _quick(name)
+    return f"Fashion-MNIST ({_per_class(s['n_per_class'])}), ConvNet at width {s['width']:g}, {_seeds(s)}"
+
+
+def _mlp_data(name: str) -> str:
+    s = _quick(name)
+    shape = " -> ".join(str(w) for w in (784, *s["hidden"], 10))
+    return f"Fashion-MNIST ({_per_class(s['n_per_class'])}), MLP {shape}, {_seeds(s)}"
+
+
+def _lora_data(s: dict) -> str:
+    return (f"Fashion-MNIST, ResNet-18 pretrained on {len(s['source_classes'])} classes, "
+            f"{s['n_per_class']} images of each of {len(s['target_classes'])} others, {_seeds(s)}")
+
+
+def _transformer_data(s: dict) -> str:
+    return f"reverse task, {s['min_length']} to {s['length']} random symbols of {s['n_symbols']}"
+
+
+def _lm_shape(s: dict) -> str:
+    return f"{s['n_layers']} blocks of width {s['d_model']}, batches of {s['batch_size']} x {s['block_size']} characters"
+
+
 @dataclass(frozen=True)
 class Chapter:
     number: int
     title: str
     notebook: str                 # under book/
-    data: str                     # what the quick numbers were computed on
+    data: Callable[[], str]       # what the quick numbers were computed on, from the quick settings
     rows: tuple[Row, ...]
     one_profile: bool = False     # the chapter runs the same in every profile: no full column to fill
 
@@ -90,14 +127,14 @@ FULL: dict[str, Callable[[dict], dict]] = {
 
 _R = REFERENCE
 CHAPTERS: tuple[Chapter, ...] = (
-    Chapter(1, "Learning rates and schedules", "01_learning_rates", "a Fashion-MNIST subset, half-width ConvNet, mean of 3 seeds", (
+    Chapter(1, "Learning rates and schedules", "01_learning_rates", lambda: _subset_convnet("lr-sweep"), (
         *(Row(f"lr {lr}: test accuracy after 5 epochs", "lr-sweep", lr, reference=_R["lr-sweep"]["test_acc"][lr])
           for lr in ("0.0001", "0.1", "1.0")),
         Row("MultiStepLR: final test accuracy", "schedules", "multistep", reference=_R["schedules"]["test_acc"]["multistep"]),
         Row("CosineAnnealingLR: final test accuracy", "schedules", "cosine", reference=_R["schedules"]["test_acc"]["cosine"]),
         Row("MultiStepLR: final train accuracy", "schedules", "multistep train",
             reference=_R["schedules"]["train_acc"]["multistep"]))),
-    Chapter(2, "Quantization", "02_quantization", "Fashion-MNIST, MLP, mean of 3 seeds", (
+    Chapter(2, "Quantization", "02_quantization", lambda: _mlp_data("quantization"), (
         Row("fp32 MLP: test accuracy", "quantization", "fp32", reference=_R["mlp-quantization"]["test_acc"]["fp32"]),
         Row("8-bit weights (per tensor): test accuracy", "quantization", "8",
             reference=_R["mlp-quantization"]["test_acc"]["8-bit"]),
@@ -109,7 +146,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("2-bit per tensor after one epoch of quantization-aware training", "quantization", "qat/2/qat"),
         Row("int8 integer-only inference (first seed): test accuracy", "quantization",
             "seed 0/integer only"))),
-    Chapter(3, "Pruning", "03_pruning", "a Fashion-MNIST subset, half-width ConvNet, mean of 3 seeds", (
+    Chapter(3, "Pruning", "03_pruning", lambda: _subset_convnet("pruning"), (
         Row("baseline (unpruned): final test accuracy", "pruning", "baseline",
             reference=f"{100 * _R['schedules']['test_acc']['multistep']:.1f}% (MultiStepLR, Chapter 1)"),
         Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
@@ -122,17 +159,18 @@ CHAPTERS: tuple[Chapter, ...] = (
             "deep compression/ratio", fmt="x"),
         Row("... its test accuracy", "pruning", "deep compression/accuracy"))),
     Chapter(4, "Transfer learning and LoRA", "04_lora",
-            "Fashion-MNIST, ResNet-18 pretrained on 7 classes, 20 images of each of 3 others, mean of 3 seeds", (
+            lambda: _lora_data(_quick("lora")), (
         Row("pt_net (all layers trained): final test accuracy", "lora", "pt_net"),
         Row("net_freeze (up to layer3 frozen)", "lora", "net_freeze"),
         Row("net_freeze_lora (frozen + LoRA classifier)", "lora", "net_freeze_lora"),
         Row("lora_layer4 (frozen + rank-8 LoRA on layer4, new classifier trained)", "lora", "lora_layer4"),
         Row("scratch (no pretraining)", "lora", "scratch"))),
-    Chapter(5, "The Transformer from scratch", "05_transformer", "reverse task, 8 random symbols", (
+    Chapter(5, "The Transformer from scratch", "05_transformer", lambda: _transformer_data(_quick("transformer")), (
         Row("matmuls per inference counted = N(15h+7)+1 for every (N, h) tried", "transformer", "matmul_formula_holds",
             fmt="text", reference="N(15h+7)+1", same_in_every_profile=True),
         Row("reverse task: sequences exactly right", "transformer", "sequence_accuracy"))),
-    Chapter(6, "A small language model", "06_language_model", "Tiny Shakespeare, 0.8M-parameter model", (
+    Chapter(6, "A small language model", "06_language_model",
+            lambda: f"Tiny Shakespeare, {_lm_shape(_quick('language-model'))}", (
         Row("validation loss (nats per character)", "language-model", "val_loss_nats", fmt="nats",
             reference=f"{_R['language-model']['val_loss_nats']['cpu']} (nanoGPT, the same configuration)"),
         Row("unigram entropy of the text (nats)", "language-model", "unigram_nats", fmt="nats", reference="about 3.31",
@@ -146,7 +184,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("... LoRA r=4 on the attention projections (mean of 3 seeds)", "language-model", "finetune/lora r=4",
             fmt="nats"))),
     Chapter(7, "What a model costs on this machine", "07_cost",
-            "the CPU that executed the chapter (2 threads in CI), the models of Chapters 1, 2 and 6", (
+            lambda: "the CPU that executed the chapter (the threads it was given), the models of Chapters 1, 2 and 6", (
         Row("peak float32 matrix product, all threads (FLOP/s)", "cost", "peak_flops", fmt="G", measured=True),
         Row("memory bandwidth, all threads (bytes/s, a 256 MiB copy)", "cost", "bandwidth", fmt="G",
             measured=True),
@@ -163,7 +201,7 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("bfloat16 autocast training: final loss minus float32's (nats)", "cost-checked", "bf16_minus_fp32",
             fmt="nats")), one_profile=True),
     Chapter(8, "Training past one device", "08_scale",
-            "Chapter 6's quick language model (0.8M parameters, batch 12 x 64), 2 processes on gloo", (
+            lambda: f"Chapter 6's quick language model ({_lm_shape(_quick('language-model'))}), processes on gloo", (
         Row("saved activations of one step (bytes; the formula equals the measurement)", "scale",
             "activation_bytes", fmt="int"),
         Row("held after the forward pass", "scale", "held/plain", fmt="MB"),
@@ -181,8 +219,8 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("the model's gradients all-reduced in one bucket: times faster than one call per tensor", "scale",
             "bucket_speedup", fmt="x", measured=True)), one_profile=True),
     Chapter(9, "Serving a language model cheaply", "09_serving",
-            "Chapter 6's quick language model (0.8M parameters) on Tiny Shakespeare; timings of a wider "
-            "model of the same architecture", (
+            lambda: f"Chapter 6's quick language model ({_lm_shape(_quick('language-model'))}) on Tiny "
+                    "Shakespeare; timings of a wider model of the same architecture", (
         Row("float32 model: validation loss (nats)", "serving", "fp32/validation", fmt="nats"),
         Row("4-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/4/validation", fmt="nats"),
         Row("2-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/2/validation", fmt="nats"),
@@ -264,7 +302,7 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
             result = load_result(exp, "full", results_dir)
             full[exp] = None if result is None else FULL[exp](result["results"])
         lines += [f"## {ch.number}. {ch.title}", "",
-                  f"Chapter: [{ch.title}]({ch.notebook}.ipynb). Quick numbers on {ch.data}."]
+                  f"Chapter: [{ch.title}]({ch.notebook}.ipynb). Quick numbers on {ch.data()}."]
         lines += [f"Figures marked *this machine's* were measured on {m['machine']}, when the chapter was last "
                   "executed: another machine gives other figures, so they are shown, never checked."
                   for m in machine_figures.values()][:1]

@@ -89,9 +89,10 @@ class LoRALinear(LoRALayer):
     r: the rank, an int with 1 <= r <= min(in_features, out_features).
     alpha: the scale numerator (> 0); the update is multiplied by ``scaling = alpha / r`` (the
         paper's convention, tuned there for small r; it does not keep the update's size fixed
-        as r grows: with A's entries of a fixed size, B A x grows like sqrt(r), so alpha / r
-        shrinks large-rank updates, which rank-stabilised LoRA, Kalajdzievski 2023, corrects
-        with alpha / sqrt(r)).
+        as r grows: B starts at zero and its SGD gradient is proportional to A x, whose squared
+        norm grows like r, so the update after a step grows like alpha**2 / r and alpha / r
+        slows large ranks, which rank-stabilised LoRA, Kalajdzievski 2023, corrects with
+        alpha / sqrt(r)).
     dropout: probability of dropping inputs of the LoRA branch only (0 disables it).
     Parameters: ``lora_A`` (r x in), initialised like an ``nn.Linear`` weight (Kaiming uniform),
     and ``lora_B`` (out x r), initialised to zero. Input (..., in); output (..., out).

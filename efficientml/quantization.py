@@ -141,19 +141,34 @@ def quantize(x, bits: int = 8, axis: int | None = None, symmetric: bool = False)
         zero_point = torch.full_like(scale, half)
         codes = torch.clamp(torch.round(t / scale.reshape(view)) + half, 1, qmax).to(torch.uint8)
         return _result(codes, scale, zero_point.to(torch.uint8), bits, axis, is_numpy)
-    const, value = lo == hi, hi                                  # constant channels, and their value
-    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range contains 0
-    scale = (hi - lo) / qmax
+    scale, zero_point = affine_grid(lo, hi, bits)
     if not torch.isfinite(scale).all():
         raise ValueError("cannot quantize: the range max - min of the data overflows float32 "
                          "(e.g. values near both -3.4e38 and +3.4e38)")
+    codes = affine_codes(t, scale.reshape(view), zero_point.reshape(view), bits)
+    return _result(codes, scale.to(torch.float32), zero_point.to(torch.uint8), bits, axis, is_numpy)
+
+
+def affine_grid(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine grid of 2**bits codes over [min(lo, 0), max(hi, 0)]: scale s = (h - l) / (2**bits - 1)
+    and zero point z = round(-l / s), float32, shaped like ``lo`` and ``hi`` (the minimum and
+    maximum of the tensor, or of each channel)."""
+    qmax = 2 ** bits - 1
+    const, value = lo == hi, hi                                  # constant channels, and their value
+    lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)  # the range contains 0
+    scale = (hi - lo) / qmax
     zero_point = torch.round(-lo / torch.where(scale > 0, scale, 1.0))
     # A constant channel c round-trips exactly (the general formula could be 1 ulp off):
     # c > 0: scale c, zero point 0, code 1; c < 0: scale -c, zero point 1, code 0; c = 0: scale 1, code 0.
     scale = torch.where(const, torch.where(value == 0, 1.0, value.abs()), scale)
     zero_point = torch.where(const, (value < 0).to(torch.float32), zero_point)
-    codes = torch.clamp(torch.round(t / scale.reshape(view)) + zero_point.reshape(view), 0, qmax).to(torch.uint8)
-    return _result(codes, scale.to(torch.float32), zero_point.to(torch.uint8), bits, axis, is_numpy)
+    return scale, zero_point
+
+
+def affine_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """The codes q = clamp(round(x / s) + z, 0, 2**bits - 1) as uint8; ``scale`` and ``zero_point``
+    broadcast against ``x`` (one value, or one per channel shaped to its axis)."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, 2 ** bits - 1).to(torch.uint8)
 
 
 def _result(codes, scale, zero_point, bits, axis, is_numpy) -> QuantizedArray:

@@ -54,11 +54,16 @@ class Spread:
         return self.min > other.max
 
     def pct(self, digits: int = 1) -> str:
-        """As a percentage with its spread, e.g. ``'69.9% ± 2.1'`` (mean ± standard deviation)."""
+        """As a percentage with its spread, e.g. ``'69.9% ± 2.1'`` (mean ± standard deviation);
+        a single run has no spread: ``'69.9% (one run)'``."""
+        if self.n < 2:
+            return f"{100 * self.mean:.{digits}f}% (one run)"
         return f"{100 * self.mean:.{digits}f}% ± {100 * self.std:.{digits}f}"
 
     def fmt(self, digits: int = 3) -> str:
-        """``'1.784 ± 0.012'``: mean ± standard deviation."""
+        """``'1.784 ± 0.012'``: mean ± standard deviation; ``'1.916 (one run)'`` for a single run."""
+        if self.n < 2:
+            return f"{self.mean:.{digits}f} (one run)"
         return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 

@@ -188,3 +188,39 @@ def test_page_renders_offline(site, browser, page):
         assert f"https://mybinder.org/v2/gh/test-owner/efficientml-book/main?urlpath=lab/tree/{notebook}" in r["links"]
         assert f"https://colab.research.google.com/github/test-owner/efficientml-book/blob/main/{notebook}" in r["links"]
         assert any(link.endswith(f"_sources/{notebook}") for link in r["links"]), f"{page}: no .ipynb download"
+
+
+PHONE = """(async () => {
+  if (window.MathJax && MathJax.startup && MathJax.startup.promise) { await MathJax.startup.promise; }
+  const width = document.documentElement.clientWidth;
+  const inScrollBox = el => {  // tables, code and wide formulas scroll inside their own box
+    for (let p = el.parentElement; p && p !== document.body; p = p.parentElement) {
+      const o = getComputedStyle(p).overflowX;
+      if (o === 'auto' || o === 'scroll') return true;
+    }
+    return false;
+  };
+  const out = [];
+  for (const el of document.querySelectorAll('article *')) {
+    const r = el.getBoundingClientRect();
+    if (r.width === 0 || r.right <= width + 1 || el.closest('mjx-assistive-mml') || inScrollBox(el)) continue;
+    out.push(`${el.tagName.toLowerCase()}.${el.className}: ${(el.textContent || '').trim().slice(0, 60)}`);
+  }
+  return {width, pageWidth: document.documentElement.scrollWidth, out: out.slice(0, 5)};
+})()"""
+
+
+@pytest.mark.parametrize("page", pages())
+def test_page_fits_a_phone(site, browser, page):
+    """At 420 px nothing sticks out of the page (cut off, or scrolling the whole page sideways):
+    what is wider than the screen scrolls inside its own box (tables, code, display formulas)."""
+    browser.call("Emulation.setDeviceMetricsOverride", width=420, height=900, deviceScaleFactor=1, mobile=True)
+    try:
+        browser.events.clear()
+        browser.call("Page.navigate", url=site + page)
+        browser.wait_for("Page.loadEventFired")
+        r = browser.evaluate(PHONE)
+    finally:
+        browser.call("Emulation.clearDeviceMetricsOverride")
+    assert r["width"] == 420
+    assert not r["out"] and r["pageWidth"] <= r["width"], f"{page} at 420 px: wider than the screen: {r}"

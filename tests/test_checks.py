@@ -159,6 +159,7 @@ def test_spread_by_hand():
     s = spread([0.6, 0.7, 0.8])
     assert s.mean == pytest.approx(0.7) and s.std == pytest.approx(0.1) and (s.min, s.max) == (0.6, 0.8)
     assert s.pct() == "70.0% ± 10.0" and spread([1.0]).std == 0.0
+    assert spread([0.5]).pct() == "50.0% (one run)" and spread([1.9164]).fmt() == "1.916 (one run)"
     assert spread([0.81, 0.9]).above(s) and not spread([0.79, 0.9]).above(s)
     with pytest.raises(ValueError):
         spread([])

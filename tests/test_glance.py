@@ -5,7 +5,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from efficientml import checks
+from efficientml import checks, glance
 from efficientml.glance import CHAPTERS, FULL, build_page, read_records
 from efficientml.train import History
 
@@ -105,3 +105,12 @@ def test_full_language_model_result_fills_the_finetuning_rows(tmp_path):
     (tmp_path / "language-model-full.json").write_text(json.dumps(payload))
     row = next(line for line in build_page(results_dir=tmp_path).splitlines() if "fully fine-tuned" in line)
     assert row.split("|")[4].strip() == f"{1.6 * math.log(2):.3f}"
+
+
+def test_what_each_chapter_ran_on_comes_from_its_settings():
+    from efficientml.experiments import settings
+    data = {ch.number: ch.data() for ch in glance.CHAPTERS}
+    lora, tr = settings("lora", "quick"), settings("transformer", "quick")
+    assert f"{lora['n_per_class']} images of each of {len(lora['target_classes'])} others" in data[4]
+    assert f"{tr['min_length']} to {tr['length']} random symbols" in data[5]
+    assert f"width {settings('lr-sweep', 'quick')['width']:g}" in data[1]

@@ -135,8 +135,12 @@ def plot_pruning(runs: dict, ax=None, title: str | None = None):
         yerr = np.maximum(0, [mean["after"] - lo, hi - mean["after"]])  # no -1e-15 from rounding
         ax.errorbar(x, mean["after"], yerr=yerr, color=c, fmt="v", ms=5, capsize=2, lw=1,
                     label=f"{name}, right after pruning")
-    for epoch in next(rs[0].schedule for rs in runs.values() if rs[0].schedule is not None).epochs:
+    pruned_at = next(rs[0].schedule for rs in runs.values() if rs[0].schedule is not None).epochs
+    for epoch in pruned_at:
         ax.axvline(epoch, color="gray", ls=":", lw=0.8, zorder=0)
+    if len(pruned_at) > 1:  # ticks on the pruning epochs' spacing, so that they fall on the dotted lines
+        from matplotlib.ticker import MultipleLocator
+        ax.xaxis.set_major_locator(MultipleLocator(pruned_at[1] - pruned_at[0]))
     ax.legend(fontsize="small")
     return ax
 
@@ -346,12 +350,19 @@ def plot_sensitivity(scans, ax=None, kind: str | None = None, split: str = "vali
     ax = ax or plt.subplots(figsize=(7, 4.2))[1]
     scan = mean_scan(scans)
     cmap = plt.get_cmap("viridis")
-    for i, (name, accs) in enumerate(scan.items()):
-        ax.plot([100 * p for p in accs], [100 * a for a in accs.values()], marker=".",
-                color=cmap(i / max(1, len(scan) - 1)), label=name)
-    ax.set(xlabel="sparsity of the one pruned layer (%)", ylabel=f"{split} accuracy (%)",
-           title=f"per-layer sensitivity{f' ({kind})' if kind else ''}, one-shot, "
-                 f"mean of {len(scans)} scan{'s' * (len(scans) > 1)}")
+    colors = [cmap(i / max(1, len(scan) - 1)) for i in range(len(scan))]
+    title = (f"per-layer sensitivity{f' ({kind})' if kind else ''}, one-shot, "
+             f"mean of {len(scans)} scan{'s' * (len(scans) > 1)}")
+    sparsities = {p for accs in scan.values() for p in accs}
+    if len(sparsities) == 1:  # one sparsity: a bar per layer, not a curve through one point
+        (p,) = sparsities
+        ax.bar(range(len(scan)), [100 * accs[p] for accs in scan.values()], color=colors)
+        ax.set_xticks(range(len(scan)), list(scan), rotation=45, ha="right", fontsize="small")
+        ax.set(xlabel=f"the one layer pruned to {100 * p:g}%", ylabel=f"{split} accuracy (%)", title=title)
+        return ax
+    for color, (name, accs) in zip(colors, scan.items()):
+        ax.plot([100 * p for p in accs], [100 * a for a in accs.values()], marker=".", color=color, label=name)
+    ax.set(xlabel="sparsity of the one pruned layer (%)", ylabel=f"{split} accuracy (%)", title=title)
     ax.legend(fontsize="small", ncol=2)
     return ax
 

@@ -122,8 +122,8 @@ def bits_table(sweeps: list[dict]) -> str:
 
 
 def plot_sweep(sweeps: list[dict], ax=None):
-    """Test accuracy against bits per parameter, per tensor and per output channel: the mean over
-    seeds as a line, the lowest..highest seed as a band, fp32's mean as a dashed line."""
+    """Test accuracy against bits per parameter, linear per tensor and per output channel and k-means
+    per tensor: the mean over seeds as a line, the lowest..highest seed as a band, fp32's mean as a dashed line."""
     import matplotlib.pyplot as plt
     ax = ax or plt.subplots(figsize=(6.5, 3.8))[1]
     acc = sweep_spread(sweeps)
@@ -184,7 +184,7 @@ def plot_grid_histogram(weight: torch.Tensor, bits: int, ax=None, channel: int |
         levels = dequantize(type(q)(codes, q.scale, q.zero_point, bits)).flatten().unique()
         for i, level in enumerate(levels):
             ax.axvline(float(level), color=color, lw=1, ls="-" if color != "gray" else "--",
-                       label=label if i == 0 else None)
+                       label=label if i == 0 else None, zorder=3 if color == "gray" else 2)  # dashes on top
     if channel is not None:  # zoom in on the row: the per-tensor levels outside it are off the axes
         lo, hi = float(values.min()), float(values.max())
         ax.set_xlim(lo - 0.5 * (hi - lo), hi + 0.5 * (hi - lo))
