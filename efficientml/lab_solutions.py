@@ -1,15 +1,15 @@
-"""The book's solutions to the labs (``efficientml.labs`` checks them; each chapter shows its
-own in a dropdown under the lab). Written as a reader would write them: the formula, short,
-without the package's input checks."""
+"""The book's solutions to the labs (``efficientml.labs`` checks them; each chapter
+shows its own in a dropdown under the lab). Written as a reader would write them: the
+formula, short, without the package's input checks."""
 import math
 
 import torch
 
 
-# -- Chapter 1 ---------------------------------------------------------------------------------
+# -- Chapter 1 -------------------------------------------------------------------------
 
 def sgd_step(w, grad, buf, lr, momentum, weight_decay):
-    g = grad + weight_decay * w                   # L2 weight decay: the gradient of wd/2 |w|^2
+    g = grad + weight_decay * w           # L2 weight decay: the gradient of wd/2 |w|^2
     if momentum:
         buf = g.clone() if buf is None else momentum * buf + g
         g = buf
@@ -20,7 +20,7 @@ def cosine_lr(epoch, epochs, lr_max, lr_min):
     return lr_min + (lr_max - lr_min) * (1 + math.cos(math.pi * epoch / epochs)) / 2
 
 
-# -- Chapter 2 ---------------------------------------------------------------------------------
+# -- Chapter 2 -------------------------------------------------------------------------
 
 def affine_quantize(x, bits):
     qmax = 2 ** bits - 1
@@ -39,7 +39,7 @@ def symmetric_per_channel(w, bits):
     return codes.to(torch.int8), scales
 
 
-# -- Chapter 3 ---------------------------------------------------------------------------------
+# -- Chapter 3 -------------------------------------------------------------------------
 
 def magnitude_prune(w, sparsity):
     n_pruned = round(sparsity * w.numel())
@@ -51,13 +51,13 @@ def magnitude_prune(w, sparsity):
 
 def filter_prune(w, sparsity):
     n_pruned = round(sparsity * w.shape[0])
-    l1 = w.abs().sum(dim=(1, 2, 3))                               # one norm per output filter
+    l1 = w.abs().sum(dim=(1, 2, 3))                       # one norm per output filter
     keep = torch.ones(w.shape[0], dtype=torch.bool)
     keep[l1.argsort()[:n_pruned]] = False
     return keep
 
 
-# -- Chapter 4 ---------------------------------------------------------------------------------
+# -- Chapter 4 -------------------------------------------------------------------------
 
 def lora_forward(x, weight, bias, A, B, alpha):
     r = A.shape[0]
@@ -69,13 +69,13 @@ def lora_merge(weight, A, B, alpha):
     return weight + (alpha / A.shape[0]) * (B @ A)
 
 
-# -- Chapter 5 ---------------------------------------------------------------------------------
+# -- Chapter 5 -------------------------------------------------------------------------
 
 def scaled_dot_product_attention(q, k, v, mask=None):
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1) @ v                             # softmax subtracts the max
+    return scores.softmax(dim=-1) @ v                     # softmax subtracts the max
 
 
 def positional_encoding(max_len, d_model):
@@ -87,7 +87,7 @@ def positional_encoding(max_len, d_model):
     return pe.float()
 
 
-# -- Chapter 6 ---------------------------------------------------------------------------------
+# -- Chapter 6 -------------------------------------------------------------------------
 
 def kv_cache_step(q, k, v, cache):
     if "k" in cache:
@@ -95,7 +95,7 @@ def kv_cache_step(q, k, v, cache):
         v = torch.cat([cache["v"], v], dim=2)
     cache["k"], cache["v"] = k, v
     weights = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).softmax(-1)
-    return weights @ v                        # the newest token may see every cached one
+    return weights @ v                    # the newest token may see every cached one
 
 
 def sampling_probs(logits, temperature, top_k=None):
@@ -106,10 +106,10 @@ def sampling_probs(logits, temperature, top_k=None):
     return z.softmax(dim=-1)
 
 
-# -- Chapter 7 ---------------------------------------------------------------------------------
+# -- Chapter 7 -------------------------------------------------------------------------
 
 def linear_flops(input_shape, out_features, input_requires_grad):
-    rows = math.prod(input_shape[:-1])        # every leading dimension is a row of the product
+    rows = math.prod(input_shape[:-1])    # each leading dimension: rows of the product
     one = 2 * rows * input_shape[-1] * out_features
     return one, one * (2 if input_requires_grad else 1)
 
@@ -121,32 +121,32 @@ def to_bfloat16(x):
     return rounded.view(torch.float32)
 
 
-# -- Chapter 8 ---------------------------------------------------------------------------------
+# -- Chapter 8 -------------------------------------------------------------------------
 
 def gradient_accumulation(model, loss_fn, x, y, micro_batch):
     model.zero_grad(set_to_none=True)
     n = x.shape[0]
     for start in range(0, n, micro_batch):
         xs, ys = x[start:start + micro_batch], y[start:start + micro_batch]
-        loss = loss_fn(model(xs), ys) * (xs.shape[0] / n)          # its share of the batch mean
+        loss = loss_fn(model(xs), ys) * (xs.shape[0] / n)  # its share of the mean
         loss.backward()                                           # adds into .grad
 
 
 def ring_allreduce(vectors, send):
     p = len(vectors)
     chunks = [list(v.tensor_split(p)) for v in vectors]          # chunks[rank][i]
-    for step in range(p - 1):                                     # reduce-scatter
+    for step in range(p - 1):                             # reduce-scatter
         for rank in range(p):
-            i = (rank - step) % p
-            chunks[(rank + 1) % p][i] = chunks[(rank + 1) % p][i] + send(rank, (rank + 1) % p, chunks[rank][i])
-    for step in range(p - 1):                                     # all-gather
+            i, right = (rank - step) % p, (rank + 1) % p
+            chunks[right][i] = chunks[right][i] + send(rank, right, chunks[rank][i])
+    for step in range(p - 1):                             # all-gather
         for rank in range(p):
-            i = (rank + 1 - step) % p                             # the chunk rank holds in full
-            chunks[(rank + 1) % p][i] = send(rank, (rank + 1) % p, chunks[rank][i])
+            i, right = (rank + 1 - step) % p, (rank + 1) % p  # a finished chunk
+            chunks[right][i] = send(rank, right, chunks[rank][i])
     return [torch.cat(c) for c in chunks]
 
 
-# -- Chapter 9 ---------------------------------------------------------------------------------
+# -- Chapter 9 -------------------------------------------------------------------------
 
 def groupwise_rtn(w, bits, group_size):
     groups = w.reshape(-1, group_size)                            # each row of groups

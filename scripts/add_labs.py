@@ -2,6 +2,7 @@
 a task, a code cell with a stub and the checker from ``efficientml.labs``, and the book's
 solution in a dropdown (rendered from ``efficientml/lab_solutions.py``). Outputs of the new cells
 come from executing the chapter (``make execute NB=...``). Run: python scripts/add_labs.py"""
+import textwrap
 from pathlib import Path
 
 import nbformat
@@ -174,8 +175,10 @@ REFERENCE = {1: " (PyTorch's optimizer and scheduler)", 3: " (`torch.nn.utils.pr
 
 def stub(lab: dict, first: bool) -> str:
     head = "from efficientml import labs\n\n\n" if first else ""
+    doc = textwrap.fill(lab["doc"], 84, initial_indent="    \"\"\"", subsequent_indent="    ")
+    doc += "\n    \"\"\"" if "\n" in doc else "\"\"\""
     return (f"{head}def {lab['name']}({lab['args']}):\n"
-            f"    \"\"\"{lab['doc']}\"\"\"\n"
+            f"{doc}\n"
             f"    raise NotImplementedError  # your code here\n\n\n"
             f"labs.{lab['check']}({lab['name']})")
 

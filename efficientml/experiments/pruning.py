@@ -316,7 +316,7 @@ def plot_sparsity_sweep(sweeps: list[dict], ax=None, kinds=None, title: str | No
     ax.axhline(100 * sp["dense"].mean, color="gray", lw=1, label="unpruned")
     ax.set(xlabel="sparsity (% of filters or weights pruned per conv layer)", ylabel="test accuracy (%)",
            title=title or f"pruning a trained ConvNet ({len(sweeps)} seeds, mean and min..max)")
-    ax.legend(fontsize="x-small")
+    ax.legend(fontsize="x-small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: clear of the markers
     return ax
 
 
