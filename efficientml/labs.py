@@ -137,7 +137,8 @@ def check_cosine_lr(fn: Callable) -> str:
                 raise AssertionError(f"fn({epoch}, {epochs}, {lr_max}, {lr_min}) returned {type(got).__name__}, want a number")
             if not abs(got - want) <= 1e-9 * lr_max:
                 raise AssertionError(f"fn({epoch}, {epochs}, {lr_max}, {lr_min}) = {got:.6g}; "
-                                     f"CosineAnnealingLR gives {want:.6g} in epoch {epoch}")
+                                     f"CosineAnnealingLR gives {want:.6g} in epoch {epoch} (it reaches lr_min "
+                                     f"in epoch {epochs}, the last one counted: T_max = epochs)")
             opt.step()
             sched.step()
     return f"every epoch of {len(cases)} schedules equals CosineAnnealingLR's."
@@ -189,7 +190,7 @@ def check_affine_quantize(fn: Callable) -> str:
             scale, zero = float(scale), float(zero)
             if not math.isclose(scale, float(ref.scale), rel_tol=1e-5):
                 raise AssertionError(f"{what}: scale {scale:.6g}, want {float(ref.scale):.6g} "
-                                     "(the range always contains 0: lo = min(x.min(), 0), hi = max(x.max(), 0))")
+                                     "(the range [min(x.min(), 0), max(x.max(), 0)] in 2**bits - 1 steps)")
             if abs(zero - float(ref.zero_point)) > 1:  # a zero point computed in another precision may round the other way
                 raise AssertionError(f"{what}: zero point {zero:g}, want {float(ref.zero_point):g} "
                                      "(round(-lo / scale): the code that stands for 0)")
@@ -295,11 +296,12 @@ def check_filter_prune(fn: Callable) -> str:
     ``torch.nn.utils.prune.ln_structured(n=1, dim=0)``."""
     from torch.nn.utils import prune
     g = _generator(5)
-    cases = [((16, 8, 3, 3), 0.5), ((16, 8, 3, 3), 0.25), ((16, 8, 3, 3), 0.0), ((10, 3, 5, 5), 0.3),
-             ((6, 2, 1, 1), 0.5)]
+    cases = [((16, 8, 3, 3), 0.5), ((16, 8, 3, 3), 0.3), ((16, 8, 3, 3), 0.0), ((10, 3, 5, 5), 0.25),
+             ((6, 2, 1, 1), 0.45)]                       # 0.3 * 16 = 4.8: round, not int, gives 5
     for shape, sparsity in cases:
+        # filters of slightly different sizes and signs: the L1, L2, max and signed rankings differ
         w = torch.randn(*shape, generator=g) + 0.3 * torch.randn(shape[0], 1, 1, 1, generator=g)
-        w = w * torch.rand(shape[0], 1, 1, 1, generator=g)  # filters of different sizes and signs
+        w = w * (1 + 0.1 * torch.rand(shape[0], 1, 1, 1, generator=g))
         holder = nn.Module()
         holder.weight = nn.Parameter(w.clone())
         want = prune.ln_structured(holder, "weight", amount=sparsity, n=1, dim=0).weight_mask[:, 0, 0, 0].bool()
@@ -336,7 +338,7 @@ def _lora_reference(weight, bias, a, b, alpha):
 def _lora_cases():
     g = _generator(6)
     f64 = dict(generator=g, dtype=torch.float64)
-    for (n_in, n_out, r, alpha, bias, lead) in [(12, 8, 4, 8.0, True, (5,)), (12, 8, 1, 1.0, False, (2, 3)),
+    for (n_in, n_out, r, alpha, bias, lead) in [(12, 8, 4, 6.0, True, (5,)), (12, 8, 1, 1.0, False, (2, 3)),
                                                 (6, 10, 3, 16.0, True, (4,))]:
         yield (torch.randn(*lead, n_in, **f64), torch.randn(n_out, n_in, **f64),
                torch.randn(n_out, **f64) if bias else None, torch.randn(r, n_in, **f64),
@@ -396,10 +398,12 @@ def check_attention(fn: Callable) -> str:
     for shape_q, shape_k, masked, scale, dtype in [((2, 3, 5, 8), (2, 3, 5, 8), None, 1.0, torch.float64),
                                                    ((2, 3, 6, 8), (2, 3, 6, 8), "causal", 1.0, torch.float64),
                                                    ((1, 2, 3, 4), (1, 2, 7, 4), "random", 1.0, torch.float64),
+                                                   ((2, 4, 5), (2, 6, 5), None, 1.0, torch.float64),
                                                    ((4, 9, 16), (4, 9, 16), "causal", 40.0, torch.float32)]:
         q = torch.randn(*shape_q, generator=g, dtype=dtype) * scale
         k = torch.randn(*shape_k, generator=g, dtype=dtype) * scale
-        v = torch.randn(*shape_k, generator=g, dtype=dtype)
+        d_v = 2 if shape_q[-1] == 5 else shape_k[-1]                # one case with d_v != d_k
+        v = torch.randn(*shape_k[:-1], d_v, generator=g, dtype=dtype)
         t_q, t_k = shape_q[-2], shape_k[-2]
         if masked == "causal":
             mask = torch.ones(t_q, t_k, dtype=torch.bool).tril()
@@ -416,17 +420,26 @@ def check_attention(fn: Callable) -> str:
         tol = 1e-10 if q.dtype == torch.float64 else 1e-4
         mistakes = {"without dividing by sqrt(d_k)": F.scaled_dot_product_attention(
             q.double() * math.sqrt(q.shape[-1]), k.double(), v.double(), attn_mask=mask)}
+        if v.shape[-1] != q.shape[-1]:
+            mistakes["dividing by sqrt(d_v), not sqrt(d_k)"] = F.scaled_dot_product_attention(
+                q.double() * math.sqrt(q.shape[-1] / v.shape[-1]), k.double(), v.double(), attn_mask=mask)
         if mask is not None:
-            mistakes["with the mask's meaning reversed (True must mean 'may attend')"] = \
-                F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=~mask | (~mask).all(-1, keepdim=True))
+            scores = (q.double() @ k.double().transpose(-2, -1) / math.sqrt(q.shape[-1]))
+            reversed_ = scores.masked_fill(mask, torch.finfo(torch.float64).min).softmax(-1) @ v.double()
+            mistakes["with the mask's meaning reversed (True must mean 'may attend')"] = reversed_
         got = fn(q.clone(), k.clone(), v.clone(), mask) if mask is not None else fn(q.clone(), k.clone(), v.clone())
         if isinstance(got, tuple):
             got = got[0]
-        if isinstance(got, torch.Tensor) and not torch.isfinite(got).all() and q.dtype == torch.float32:
-            raise AssertionError(f"{what}: NaN or inf: exp() of large scores overflows; subtract each row's "
-                                 "maximum before exp (softmax does)")
+        if isinstance(got, torch.Tensor) and not torch.isfinite(got).all():
+            if q.dtype == torch.float32:
+                raise AssertionError(f"{what}: NaN or inf: exp() of large scores overflows; subtract each row's "
+                                     "maximum before exp (softmax does)")
+            if mask is not None:
+                raise AssertionError(f"{what}: NaN or inf, though every query here may see a key: is True in "
+                                     "your mask 'may attend'? (A row of -inf scores gives NaN.)")
         _compare(got, want, tol, what, mistakes)
-    return f"{len(cases)} cases equal F.scaled_dot_product_attention (masks, T_q != T_k, large float32 scores)."
+    return (f"{len(cases)} cases equal F.scaled_dot_product_attention (masks, T_q != T_k, d_v != d_k, "
+            "large float32 scores).")
 
 
 @_lab
@@ -670,7 +683,11 @@ def check_groupwise_rtn(fn: Callable) -> str:
         want = rtn(w, bits, group)
         per_row = rtn(w, bits, w.shape[1])
         what = f"fn(w, {bits}, {group}) with w {tuple(w.shape)}"
-        got = _tensor(fn(w.clone(), bits, group), what, w.shape)
+        got = fn(w.clone(), bits, group)
+        if isinstance(got, torch.Tensor) and not torch.isfinite(got).all():
+            raise AssertionError(f"{what}: NaN or inf (row 3 starts with an all-zero group: its range is 0, so "
+                                 "give it any positive scale instead of dividing by 0)")
+        got = _tensor(got, what, w.shape)
         err = (got - want.double()).abs()
         far = (err > 1e-5).double().mean().item()
         if far > 1e-3:  # a rare tie may round the other way; more is a different grid

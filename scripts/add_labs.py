@@ -51,7 +51,7 @@ step and 0 exactly, and gives your function a tensor of zeros (whose range is 0)
 (2**(bits-1) - 1)` and signed codes `round(w / scale)`. The checker's weight has rows whose
 sizes range over five orders of magnitude, which is why a scale per row matters, and a row of
 zeros, which needs a scale too.""",
-             doc="w: (out, in). Returns (codes (out, in), whole numbers, scales (out,))."),
+             doc="w: (out, in). Returns (codes, scales): codes (out, in), whole numbers; scales (out,)."),
         ],
     3: [dict(check="check_magnitude_prune", name="magnitude_prune", args="w, sparsity",
              title="unstructured magnitude pruning",
@@ -110,8 +110,8 @@ outputs must equal causal attention over the whole sequence.""",
              title="temperature and top-k",
              task="""The distribution `generate` draws the next token from: the logits (B, V) divided by the
 temperature, all but the `top_k` largest set to $-\\infty$ (when `top_k` is given), then a
-softmax. The checker's smallest temperatures make `exp` of the scaled logits overflow even in
-float64.""",
+softmax. `top_k` may exceed V: then every token is kept (use `min(top_k, V)`). The checker's
+smallest temperatures make `exp` of the scaled logits overflow even in float64.""",
              doc="logits (B, V). Returns probabilities (B, V), rows summing to 1."),
         ],
     7: [dict(check="check_linear_flops", name="linear_flops", args="input_shape, out_features, input_requires_grad",
@@ -164,7 +164,8 @@ checker compares with `serving.rtn`; its weight has an all-zero group.""",
              task="""9.5's rule for one guess: the draft proposed token `x` from its distribution `q`, the
 target's is `p` (both (V,)). Return the probability of keeping the guess and the distribution
 to draw from when it is rejected. The checker applies your rule to every token the draft can
-propose and checks the theorem: the tokens that come out follow `p` exactly.""",
+propose and checks the theorem: the tokens that come out follow `p` exactly. When `p` equals
+`q` nothing is ever rejected: return any distribution as the residual, `p` for example.""",
              doc="p, q: (V,) distributions; x: the proposed token. Returns (accept, residual)."),
         ],
 }

@@ -79,7 +79,7 @@ def test_wrong_quantizers_are_named():
         scale = (x.max() - x.min()) / (2 ** bits - 1)
         zero = torch.round(-x.min() / scale)
         return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1), scale, zero
-    fails(labs.check_affine_quantize, min_max_range, "range always contains 0")
+    fails(labs.check_affine_quantize, min_max_range, r"the range \[min\(x.min\(\), 0\)")
 
     def no_zero_guard(x, bits):
         scale = (x.max().clamp(min=0) - x.min().clamp(max=0)) / (2 ** bits - 1)
@@ -244,3 +244,41 @@ def test_each_chapter_has_its_labs_with_stubs_and_solutions(chapter):
         assert f"def {name}(" in cell.source and "raise NotImplementedError" in cell.source  # a stub
         assert f":pyobject: {name}" in text  # the book's solution, shown in a dropdown
         assert PAIRS[getattr(labs, checker)] is getattr(sol, name)
+
+
+def test_the_students_mistakes_are_caught():  # found by a reader's test of the labs
+    def int_count(w, sparsity):                           # int() where the text says round()
+        keep = torch.ones(w.shape[0], dtype=torch.bool)
+        keep[w.abs().sum((1, 2, 3)).argsort()[:int(sparsity * w.shape[0])]] = False
+        return keep
+    fails(labs.check_filter_prune, int_count, "filters pruned, want")
+
+    def max_norm(w, sparsity):
+        keep = torch.ones(w.shape[0], dtype=torch.bool)
+        keep[w.abs().amax((1, 2, 3)).argsort()[:round(sparsity * w.shape[0])]] = False
+        return keep
+    fails(labs.check_filter_prune, max_norm, "smallest sum of")
+
+    def sqrt_dv(q, k, v, mask=None):
+        s = q @ k.transpose(-2, -1) / math.sqrt(v.shape[-1])
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        return s.softmax(-1) @ v
+    fails(labs.check_attention, sqrt_dv, r"sqrt\(d_v\), not sqrt\(d_k\)")
+
+    def reversed_mask(q, k, v, mask=None):
+        s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if mask is not None:
+            s = s.masked_fill(mask, torch.finfo(s.dtype).min)
+        return s.softmax(-1) @ v
+    fails(labs.check_attention, reversed_mask, "mask's meaning reversed")
+
+    def no_zero_guard(w, bits, group):
+        g = w.reshape(-1, group)
+        lo, hi = g.amin(1, keepdim=True).clamp(max=0), g.amax(1, keepdim=True).clamp(min=0)
+        s = (hi - lo) / (2 ** bits - 1)
+        z = torch.round(-lo / s)
+        return ((torch.clamp(torch.round(g / s) + z, 0, 2 ** bits - 1) - z) * s).reshape(w.shape)
+    fails(labs.check_groupwise_rtn, no_zero_guard, "all-zero group")
+    fails(labs.check_cosine_lr, lambda e, n, hi, lo: lo + (hi - lo) * (1 + math.cos(math.pi * e / (n - 1))) / 2
+          if n > 1 else hi, "T_max = epochs")
