@@ -353,10 +353,14 @@ def plot_sensitivity(scans, ax=None, kind: str | None = None, split: str = "vali
     colors = [cmap(i / max(1, len(scan) - 1)) for i in range(len(scan))]
     title = (f"per-layer sensitivity{f' ({kind})' if kind else ''}, one-shot, "
              f"mean of {len(scans)} scan{'s' * (len(scans) > 1)}")
-    sparsities = {p for accs in scan.values() for p in accs}
-    if len(sparsities) == 1:  # one sparsity: a bar per layer, not a curve through one point
+    sparsities = {p for accs in scan.values() for p in accs if p > 0}
+    if len(sparsities) == 1:  # one sparsity scanned: a bar per layer, not a line through two points
         (p,) = sparsities
         ax.bar(range(len(scan)), [100 * accs[p] for accs in scan.values()], color=colors)
+        dense = [accs[0.0] for accs in scan.values() if 0.0 in accs]
+        if dense:
+            ax.axhline(100 * dense[0], color="gray", ls="--", lw=1, label="unpruned")
+            ax.legend(fontsize="small", loc="lower right")
         ax.set_xticks(range(len(scan)), list(scan), rotation=45, ha="right", fontsize="small")
         ax.set(xlabel=f"the one layer pruned to {100 * p:g}%", ylabel=f"{split} accuracy (%)", title=title)
         return ax
