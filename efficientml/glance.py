@@ -50,13 +50,18 @@ def _last(series_key: str, runs_key: str = "runs") -> Callable[[dict], dict]:
 
 @dataclass(frozen=True)
 class Row:
-    label: str
+    label: str | Callable[[], str]  # a callable where the label names a setting: read, not typed
     experiment: str
     key: str
     fmt: str = "pct"              # pct, nats, x / x2 (a ratio), G, int, MB, ms, e (scientific), text
     reference: float | str | None = None
     same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
     measured: bool = False        # a figure of the machine (checks.measured): shown, never checked
+
+    @property
+    def text(self) -> str:
+        """The row's label as the page shows it."""
+        return self.label() if callable(self.label) else self.label
 
 
 def _quick(name: str) -> dict:
@@ -70,6 +75,13 @@ def _seeds(s: dict) -> str:
 
 def _per_class(n) -> str:
     return "all its training images" if n is None else f"{n} training images per class"
+
+
+def _final_sparsity(s: dict) -> str:
+    """The sparsity that Chapter 3's schedule ends at, as a percentage: prune_step at every
+    prune_every-th epoch from prune_start to prune_stop."""
+    events = (s["prune_stop"] - s["prune_start"]) // s["prune_every"] + 1
+    return f"{100 * events * s['prune_step']:.0f}%"
 
 
 def _subset_convnet(name: str) -> str:
@@ -90,6 +102,11 @@ def _lora_data(s: dict) -> str:
 
 def _transformer_data(s: dict) -> str:
     return f"reverse task, {s['min_length']} to {s['length']} random symbols of {s['n_symbols']}"
+
+
+def _ft_seeds() -> str:
+    """Chapter 6's fine-tuning runs are averaged over its ``ft_seeds``."""
+    return f"mean of {len(_quick('language-model')['ft_seeds'])} seeds"
 
 
 def _lm_shape(s: dict) -> str:
@@ -128,8 +145,9 @@ FULL: dict[str, Callable[[dict], dict]] = {
 _R = REFERENCE
 CHAPTERS: tuple[Chapter, ...] = (
     Chapter(1, "Learning rates and schedules", "01_learning_rates", lambda: _subset_convnet("lr-sweep"), (
-        *(Row(f"lr {lr}: test accuracy after 5 epochs", "lr-sweep", lr, reference=_R["lr-sweep"]["test_acc"][lr])
-          for lr in ("0.0001", "0.1", "1.0")),
+        *(Row(lambda lr=lr: f"lr {lr}: test accuracy after {_quick('lr-sweep')['epochs']} epochs", "lr-sweep", lr,
+              reference=_R["lr-sweep"]["test_acc"][lr])
+          for lr in map(str, _quick("lr-sweep")["lrs"])),
         Row("MultiStepLR: final test accuracy", "schedules", "multistep", reference=_R["schedules"]["test_acc"]["multistep"]),
         Row("CosineAnnealingLR: final test accuracy", "schedules", "cosine", reference=_R["schedules"]["test_acc"]["cosine"]),
         Row("MultiStepLR: final train accuracy", "schedules", "multistep train",
@@ -149,8 +167,10 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(3, "Pruning", "03_pruning", lambda: _subset_convnet("pruning"), (
         Row("baseline (unpruned): final test accuracy", "pruning", "baseline",
             reference=f"{100 * _R['schedules']['test_acc']['multistep']:.1f}% (MultiStepLR, Chapter 1)"),
-        Row("structured, 50% of filters: final test accuracy", "pruning", "structured"),
-        Row("unstructured, 50% of weights: final test accuracy", "pruning", "unstructured"),
+        Row(lambda: f"structured, {_final_sparsity(_quick('pruning'))} of filters: final test accuracy", "pruning",
+            "structured"),
+        Row(lambda: f"unstructured, {_final_sparsity(_quick('pruning'))} of weights: final test accuracy", "pruning",
+            "unstructured"),
         Row("pruned after training to 70%, unstructured, one-shot + 1 epoch fine-tuning", "pruning",
             "after training/unstructured/fine-tuned 70"),
         Row("... structured (70% of filters)", "pruning", "after training/structured/fine-tuned 70"),
@@ -161,9 +181,10 @@ CHAPTERS: tuple[Chapter, ...] = (
     Chapter(4, "Transfer learning and LoRA", "04_lora",
             lambda: _lora_data(_quick("lora")), (
         Row("pt_net (all layers trained): final test accuracy", "lora", "pt_net"),
-        Row("net_freeze (up to layer3 frozen)", "lora", "net_freeze"),
+        Row(lambda: f"net_freeze (up to {_quick('lora')['freeze_up_to']} frozen)", "lora", "net_freeze"),
         Row("net_freeze_lora (frozen + LoRA classifier)", "lora", "net_freeze_lora"),
-        Row("lora_layer4 (frozen + rank-8 LoRA on layer4, new classifier trained)", "lora", "lora_layer4"),
+        Row(lambda: f"lora_layer4 (frozen + rank-{_quick('lora')['r_backbone']} LoRA on layer4, new classifier "
+            "trained)", "lora", "lora_layer4"),
         Row("scratch (no pretraining)", "lora", "scratch"))),
     Chapter(5, "The Transformer from scratch", "05_transformer", lambda: _transformer_data(_quick("transformer")), (
         Row("matmuls per inference counted = N(15h+7)+1 for every (N, h) tried", "transformer", "matmul_formula_holds",
@@ -180,9 +201,9 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("greedy generation identical with and without KV cache", "language-model", "kv_cache_equal", fmt="text"),
         Row("a play it never saw (The Tempest), not fine-tuned: loss on its held-out part (nats)", "language-model",
             "finetune/none", fmt="nats"),
-        Row("... fully fine-tuned (mean of 3 seeds)", "language-model", "finetune/full", fmt="nats"),
-        Row("... LoRA r=4 on the attention projections (mean of 3 seeds)", "language-model", "finetune/lora r=4",
-            fmt="nats"))),
+        Row(lambda: f"... fully fine-tuned ({_ft_seeds()})", "language-model", "finetune/full", fmt="nats"),
+        *(Row(lambda r=r: f"... LoRA r={r} on the attention projections ({_ft_seeds()})", "language-model",
+              f"finetune/lora r={r}", fmt="nats") for r in _quick("language-model")["ft_ranks"][1:2]))),
     Chapter(7, "What a model costs on this machine", "07_cost",
             lambda: "the CPU that executed the chapter (the threads it was given), the models of Chapters 1, 2 and 6", (
         Row("peak float32 matrix product, all threads (FLOP/s)", "cost", "peak_flops", fmt="G", measured=True),
@@ -315,7 +336,7 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
                                f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
             q = stored[row.key]
             if row.measured:
-                lines.append(f"| {row.label} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
+                lines.append(f"| {row.text} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
                              f"(a property of the machine) | {_fmt(row.reference, row.fmt) or '—'} |")
                 continue
             f = full.get(row.experiment)
@@ -327,7 +348,7 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
                 f_text = _fmt(f.get(row.key), row.fmt) or "(not in the result file)"
             tol = tols[row.experiment].get(row.key, 0.0)
             within = "exactly" if not tol else _fmt_tolerance(tol, row.fmt)
-            lines.append(f"| {row.label} | {_fmt(q, row.fmt)} | {within} | {f_text} | "
+            lines.append(f"| {row.text} | {_fmt(q, row.fmt)} | {within} | {f_text} | "
                          f"{_fmt(row.reference, row.fmt) or '—'} |")
         lines.append("")
     return "\n".join(lines)

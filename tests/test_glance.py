@@ -114,3 +114,19 @@ def test_what_each_chapter_ran_on_comes_from_its_settings():
     assert f"{lora['n_per_class']} images of each of {len(lora['target_classes'])} others" in data[4]
     assert f"{tr['min_length']} to {tr['length']} random symbols" in data[5]
     assert f"width {settings('lr-sweep', 'quick')['width']:g}" in data[1]
+
+
+def test_row_labels_that_name_a_setting_read_it(monkeypatch):
+    from efficientml.experiments import settings
+    labels = {ch.number: [row.text for row in ch.rows] for ch in glance.CHAPTERS}
+    lr, lora = settings("lr-sweep", "quick"), settings("lora", "quick")
+    assert sum(f"after {lr['epochs']} epochs" in t for t in labels[1]) == len(lr["lrs"])
+    assert any(f"rank-{lora['r_backbone']} LoRA" in t for t in labels[4])
+    assert any(f"up to {lora['freeze_up_to']} frozen" in t for t in labels[4])
+    # Chapter 3's schedule: prune_step at every prune_every-th epoch from prune_start to prune_stop
+    assert glance._final_sparsity(dict(prune_start=2, prune_every=2, prune_stop=10, prune_step=0.1)) == "50%"
+    assert glance._final_sparsity(dict(prune_start=1, prune_every=1, prune_stop=3, prune_step=0.2)) == "60%"
+    changed = dict(settings("lora", "quick"), r_backbone=16, freeze_up_to="layer2")
+    monkeypatch.setattr(glance, "_quick", lambda name: changed if name == "lora" else settings(name, "quick"))
+    texts = [row.text for ch in glance.CHAPTERS if ch.number == 4 for row in ch.rows]
+    assert any("rank-16 LoRA" in t for t in texts) and any("up to layer2 frozen" in t for t in texts)
