@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import checks
+from .experiments.serving import SERVING
 from .reference import REFERENCE
 from .results import load_result
 from .train import LN2
@@ -143,6 +144,11 @@ FULL: dict[str, Callable[[dict], dict]] = {
 }
 
 _R = REFERENCE
+# Chapter 9's settings that its rows name: the smallest group size, the fewest bits calibrated,
+# the longest attention measured
+_G, _LOW, _LONG = min(SERVING["groups"]), min(SERVING["calibrated_bits"]), max(SERVING["attention_lengths"])
+_K, _DRAFT = min(SERVING["spec_ks"]), f"{SERVING['draft_layers']}-block"
+_NGRAM = {2: "bigram", 3: "trigram"}.get(SERVING["ngram_n"], f"{SERVING['ngram_n']}-gram")
 CHAPTERS: tuple[Chapter, ...] = (
     Chapter(1, "Learning rates and schedules", "01_learning_rates", lambda: _subset_convnet("lr-sweep"), (
         *(Row(lambda lr=lr: f"lr {lr}: test accuracy after {_quick('lr-sweep')['epochs']} epochs", "lr-sweep", lr,
@@ -243,15 +249,15 @@ CHAPTERS: tuple[Chapter, ...] = (
             lambda: f"Chapter 6's quick language model ({_lm_shape(_quick('language-model'))}) on Tiny "
                     "Shakespeare; timings of a wider model of the same architecture", (
         Row("float32 model: validation loss (nats)", "serving", "fp32/validation", fmt="nats"),
-        Row("4-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/4/validation", fmt="nats"),
-        Row("2-bit weights in groups of 32, round to nearest", "serving", "loss/rtn/32/2/validation", fmt="nats"),
-        Row("... AWQ (mean of 3 calibration sets)", "serving", "loss/awq/32/2/validation", fmt="nats"),
-        Row("... GPTQ (mean of 3 calibration sets)", "serving", "loss/gptq/32/2/validation", fmt="nats"),
-        Row("4-bit packed file (groups of 32): times smaller than float32", "serving", "file_ratio/4", fmt="x"),
+        *(Row(f"{b}-bit weights in groups of {_G}, round to nearest", "serving", f"loss/rtn/{_G}/{b}/validation",
+              fmt="nats") for b in (4, _LOW)),
+        *(Row(f"... {m.upper()} (mean of {len(SERVING['calibration_seeds'])} calibration sets)", "serving",
+              f"loss/{m}/{_G}/{_LOW}/validation", fmt="nats") for m in ("awq", "gptq")),
+        Row(f"4-bit packed file (groups of {_G}): times smaller than float32", "serving", "file_ratio/4", fmt="x"),
         Row("KV cache: the formula equals the measured bytes", "serving", "kv_cache_equal", fmt="text"),
-        Row("causal attention over 4,096 tokens, peak memory: naive", "serving", "attention_mb/4096/naive",
+        Row(f"causal attention over {_LONG:,} tokens, peak memory: naive", "serving", f"attention_mb/{_LONG}/naive",
             fmt="MB"),
-        Row("... tiled, with an online softmax", "serving", "attention_mb/4096/tiled", fmt="MB"),
+        Row("... tiled, with an online softmax", "serving", f"attention_mb/{_LONG}/tiled", fmt="MB"),
         Row("float32 decoding, batch 1: prefill tokens per second over decoding's", "serving",
             "prefill_over_decode", fmt="x", measured=True),
         Row("int8 weights, PyTorch's dynamic quantization: decoding speed-up", "serving",
@@ -259,11 +265,11 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("int4 weights, PyTorch's weight-only kernel: decoding speed-up", "serving",
             "decode_speedup/int4 weight-only", fmt="x2", measured=True),
         Row("speculative decoding, greedy: the target's own text", "serving", "greedy_same", fmt="text"),
-        Row("... first guesses kept (k = 1): 1-block network draft", "serving", "acceptance/network/greedy/1"),
-        Row("... trigram table draft", "serving", "acceptance/table/greedy/1"),
-        Row("... best measured speed-up: 1-block network draft", "serving", "best_greedy_speedup/network",
+        Row(f"... first guesses kept (k = {_K}): {_DRAFT} network draft", "serving", f"acceptance/network/greedy/{_K}"),
+        Row(f"... {_NGRAM} table draft", "serving", f"acceptance/table/greedy/{_K}"),
+        Row(f"... best measured speed-up: {_DRAFT} network draft", "serving", "best_greedy_speedup/network",
             fmt="x2", measured=True),
-        Row("... trigram table draft", "serving", "best_greedy_speedup/table", fmt="x2", measured=True)),
+        Row(f"... {_NGRAM} table draft", "serving", "best_greedy_speedup/table", fmt="x2", measured=True)),
             one_profile=True),
 )
 
