@@ -51,18 +51,21 @@ def _last(series_key: str, runs_key: str = "runs") -> Callable[[dict], dict]:
 
 @dataclass(frozen=True)
 class Row:
-    label: str | Callable[[], str]  # a callable where the label names a setting: read, not typed
+    label: str | Callable[[], str]  # a callable where the label names a setting: read, not typed;
+    # with ``fill``, a template whose {fields} are values the chapter recorded (its own settings)
     experiment: str
     key: str
     fmt: str = "pct"              # pct, nats, x / x2 (a ratio), G, int, MB, ms, e (scientific), text
     reference: float | str | None = None
     same_in_every_profile: bool = False   # a property of the code or the data, not of a training run
     measured: bool = False        # a figure of the machine (checks.measured): shown, never checked
+    fill: bool = False
 
-    @property
-    def text(self) -> str:
-        """The row's label as the page shows it."""
-        return self.label() if callable(self.label) else self.label
+    def text(self, records: dict | None = None) -> str:
+        """The row's label as the page shows it; ``records``: {experiment: recorded values} of
+        the chapter, which fill a template (``fill``)."""
+        text = self.label() if callable(self.label) else self.label
+        return text.format(**(records or {}).get(self.experiment, {})) if self.fill else text
 
 
 def _quick(name: str) -> dict:
@@ -223,7 +226,8 @@ CHAPTERS: tuple[Chapter, ...] = (
             measured=True),
         Row("language-model step time, the book's / nanoGPT's (same size and batch)", "cost", "nanogpt_ratio",
             fmt="x2", measured=True),
-        Row("a running sum of 10,000 x 0.0001 in float16 (exact: 1)", "cost-checked", "running_sum/float16",
+        Row("a running sum of {running_sum_n:,} x {running_sum_term:g} in float16 (exact: {running_sum_exact:g})",
+            "cost-checked", "running_sum/float16", fill=True,
             fmt="nats", same_in_every_profile=True),
         Row("bfloat16 autocast training: final loss minus float32's (nats)", "cost-checked", "bf16_minus_fp32",
             fmt="nats")), one_profile=True),
@@ -234,14 +238,16 @@ CHAPTERS: tuple[Chapter, ...] = (
         Row("held after the forward pass", "scale", "held/plain", fmt="MB"),
         Row("... every block checkpointed (gradients bitwise identical)", "scale", "held/checkpointed", fmt="MB"),
         Row("... step time, checkpointed / plain", "scale", "checkpoint_time_ratio", fmt="x2", measured=True),
-        Row("2 processes (DDP) against 1: largest loss difference in 200 steps (nats)", "scale", "max_gap_ddp",
+        Row("{world_size} processes (DDP) against 1: largest loss difference in {ddp_steps} steps (nats)", "scale",
+            "max_gap_ddp", fill=True,
             fmt="e"),
         Row("AdamW state per process: DDP (bytes)", "scale", "optimizer_state/ddp", fmt="int"),
         Row("... ZeroRedundancyOptimizer, rank 0", "scale", "optimizer_state/zero", fmt="int"),
         Row("... FSDP2, rank 0", "scale", "optimizer_state/fsdp", fmt="int"),
         Row("held between steps per process: DDP", "scale", "held_between_steps/ddp", fmt="MB"),
         Row("... ZeroRedundancyOptimizer", "scale", "held_between_steps/zero", fmt="MB"),
-        Row("all-reduce latency, 2 processes (fastest call)", "scale", "allreduce_latency_ms", fmt="ms",
+        Row("all-reduce latency, {world_size} processes (fastest call)", "scale", "allreduce_latency_ms", fmt="ms",
+            fill=True,
             measured=True),
         Row("the model's gradients all-reduced in one bucket: times faster than one call per tensor", "scale",
             "bucket_speedup", fmt="x", measured=True)), one_profile=True),
@@ -342,7 +348,7 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
                                f"re-execute it (make execute NB=book/{ch.notebook}.ipynb)")
             q = stored[row.key]
             if row.measured:
-                lines.append(f"| {row.text} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
+                lines.append(f"| {row.text(quick)} | {_fmt(q, row.fmt)} | not checked: *this machine's* | "
                              f"(a property of the machine) | {_fmt(row.reference, row.fmt) or '—'} |")
                 continue
             f = full.get(row.experiment)
@@ -354,7 +360,7 @@ def build_page(book_dir: str | Path | None = None, results_dir: str | Path | Non
                 f_text = _fmt(f.get(row.key), row.fmt) or "(not in the result file)"
             tol = tols[row.experiment].get(row.key, 0.0)
             within = "exactly" if not tol else _fmt_tolerance(tol, row.fmt)
-            lines.append(f"| {row.text} | {_fmt(q, row.fmt)} | {within} | {f_text} | "
+            lines.append(f"| {row.text(quick)} | {_fmt(q, row.fmt)} | {within} | {f_text} | "
                          f"{_fmt(row.reference, row.fmt) or '—'} |")
         lines.append("")
     return "\n".join(lines)

@@ -118,7 +118,7 @@ def test_what_each_chapter_ran_on_comes_from_its_settings():
 
 def test_row_labels_that_name_a_setting_read_it(monkeypatch):
     from efficientml.experiments import settings
-    labels = {ch.number: [row.text for row in ch.rows] for ch in glance.CHAPTERS}
+    labels = {ch.number: [row.text(glance.read_records(glance.REPO_ROOT / "book" / f"{ch.notebook}.ipynb")) for row in ch.rows] for ch in glance.CHAPTERS}
     lr, lora = settings("lr-sweep", "quick"), settings("lora", "quick")
     assert sum(f"after {lr['epochs']} epochs" in t for t in labels[1]) == len(lr["lrs"])
     assert any(f"rank-{lora['r_backbone']} LoRA" in t for t in labels[4])
@@ -128,5 +128,11 @@ def test_row_labels_that_name_a_setting_read_it(monkeypatch):
     assert glance._final_sparsity(dict(prune_start=1, prune_every=1, prune_stop=3, prune_step=0.2)) == "60%"
     changed = dict(settings("lora", "quick"), r_backbone=16, freeze_up_to="layer2")
     monkeypatch.setattr(glance, "_quick", lambda name: changed if name == "lora" else settings(name, "quick"))
-    texts = [row.text for ch in glance.CHAPTERS if ch.number == 4 for row in ch.rows]
+    texts = [row.text() for ch in glance.CHAPTERS if ch.number == 4 for row in ch.rows]
     assert any("rank-16 LoRA" in t for t in texts) and any("up to layer2 frozen" in t for t in texts)
+    # a template's fields are values the chapter recorded
+    row = glance.Row("{world_size} processes, {ddp_steps} steps", "scale", "max_gap_ddp", fill=True)
+    assert row.text({"scale": {"world_size": 3, "ddp_steps": 50}}) == "3 processes, 50 steps"
+    scale = read_records(glance.REPO_ROOT / "book" / "08_scale.ipynb")["scale"]
+    assert any(f"{scale['world_size']} processes (DDP) against 1" in t and f"in {scale['ddp_steps']} steps" in t
+               for t in labels[8])
