@@ -242,7 +242,7 @@ def _chapter7(a) -> int:
         r = cost.against_nanogpt(rounds=a.rounds, device=device)
         print(f"language-model training step, batch 12 x 64 tokens, on {where}; median of {a.rounds} rounds")
         for name, ms in r["median_ms"].items():
-            print(f"  {name:8s} {ms:8.2f} ms per step   ({r['parameters'][name]:,} parameters)")
+            print(f"  {name:22s} {ms:8.2f} ms per step   ({r['parameters'][name]:,} parameters)")
         print(f"  book / nanoGPT step time: {r['ratio']:.3f} (below 1: the book's step is faster)")
         return 0
     threads = [torch.get_num_threads()] if device.type != "cpu" else sorted({1, torch.get_num_threads()})

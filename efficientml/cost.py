@@ -315,11 +315,13 @@ def training_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return 6 * total - 2 * macs
 
 
-def language_model_step(device=None):
+def language_model_step(device=None, adamw_loop: bool = False):
     """(step, model, (tokens per step, FLOP per token, "tokens")): Chapter 6's quick language
     model on a batch of random windows of its batch size and context, AdamW with its learning
-    rate, decay on 2-D weights and clipping, as it trains."""
-    from .train import param_groups
+    rate, decay on 2-D weights and clipping, as it trains (``make_optimizer``: the fused AdamW
+    on a CPU or CUDA GPU). ``adamw_loop``: instead PyTorch's per-tensor AdamW (``foreach=False,
+    fused=False``, its default on a CPU), to see what fusing the update saves."""
+    from .train import make_optimizer, param_groups
     from .transformer import MatmulCounter
     device = select_device(device)
     torch.manual_seed(0)
@@ -328,7 +330,9 @@ def language_model_step(device=None):
     x, y = (torch.randint(0, VOCAB, (s["batch_size"], s["block_size"]), device=device) for _ in range(2))
     with torch.no_grad(), MatmulCounter() as c:
         model(x)
-    opt = torch.optim.AdamW(param_groups(model, s["weight_decay"]), lr=s["lr"])
+    groups = param_groups(model, s["weight_decay"])
+    opt = (torch.optim.AdamW(groups, lr=s["lr"], foreach=False, fused=False) if adamw_loop
+           else make_optimizer(groups, "adamw", s["lr"]))
     return train_step(model, opt, x, y, clip=s["clip_grad_norm"]), model, (tokens, 6 * c.macs // tokens, "tokens")
 
 
@@ -344,18 +348,21 @@ def training_speeds(device=None, min_run_time: float = 1.0) -> list[TrainingSpee
 
 def against_nanogpt(rounds: int = 7, steps: int = 10, device=None) -> dict:
     """The book's language-model step against nanoGPT's (``nanogpt``), the same size, batch and
-    data, timed in alternation (``rounds`` rounds of ``steps`` steps each, so that both see the
-    same machine load). Returns each one's per-round ms per step, medians and the ratio
-    book / nanoGPT (below 1: the book's step is faster)."""
+    data, timed in alternation (``rounds`` rounds of ``steps`` steps each, so that all see the
+    same machine load); also the book's step with PyTorch's per-tensor AdamW (``"book, AdamW
+    per tensor"``: ``language_model_step(adamw_loop=True)``; nanoGPT, like PyTorch, fuses the
+    update only on a CUDA GPU). Returns each one's per-round ms per step, medians and the
+    ratio book / nanoGPT (below 1: the book's step is faster)."""
     from .nanogpt import NanoGPT, nanogpt_optimizer, nanogpt_step
     device = select_device(device)
     book, model, _ = language_model_step(device)
+    book_loop, _, _ = language_model_step(device, adamw_loop=True)
     from .experiments.language_model import LM_QUICK as s
     x, y = (torch.randint(0, VOCAB, (s["batch_size"], s["block_size"]), device=device) for _ in range(2))
     torch.manual_seed(0)
     nano = NanoGPT(VOCAB, s["d_model"], s["n_heads"], s["n_layers"], s["block_size"]).to(device)
     opt = nanogpt_optimizer(nano)
-    runs = {"book": book, "nanoGPT": lambda: nanogpt_step(nano, opt, x, y)}
+    runs = {"book": book, "book, AdamW per tensor": book_loop, "nanoGPT": lambda: nanogpt_step(nano, opt, x, y)}
     ms = {k: [] for k in runs}
     for f in runs.values():
         f()  # warm-up
@@ -370,6 +377,7 @@ def against_nanogpt(rounds: int = 7, steps: int = 10, device=None) -> dict:
     med = {k: statistics.median(v) for k, v in ms.items()}
     return {"ms": ms, "median_ms": med, "ratio": med["book"] / med["nanoGPT"],
             "parameters": {"book": sum(p.numel() for p in model.parameters()),
+                           "book, AdamW per tensor": sum(p.numel() for p in model.parameters()),
                            "nanoGPT": sum(p.numel() for p in nano.parameters())}}
 
 

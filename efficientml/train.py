@@ -112,7 +112,13 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = 
                    momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.Optimizer:
     """SGD with momentum (the default), Adam or AdamW over ``params``: parameters, or parameter
     groups (dicts with a ``"params"`` list, e.g. from ``param_groups``), whose own settings
-    override ``lr``, ``momentum`` and ``weight_decay`` for their parameters."""
+    override ``lr``, ``momentum`` and ``weight_decay`` for their parameters.
+
+    Adam and AdamW take PyTorch's fused implementation (``fused=True``: one kernel updates every
+    parameter) where all parameters are floating-point tensors on a CPU or a CUDA GPU, and its
+    default elsewhere (e.g. on an Apple GPU). The update is the same formula; its float
+    rounding differs from the default's in the last bits. On a CPU, the default loops over the
+    parameters with about ten operations each: Chapter 7 measures what the fused step saves."""
     params = list(params)
     if any(isinstance(g, dict) for g in params):
         if not all(isinstance(g, dict) and "params" in g for g in params):
@@ -129,11 +135,17 @@ def make_optimizer(params: Iterable[nn.Parameter] | Iterable[dict], name: str = 
     name = _name(name, "optimizer")
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name in ("adam", "adamw"):
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, weight_decay=weight_decay, fused=_fusable(params) or None)
     raise ValueError(f"unknown optimizer {name!r}: choose sgd, adam or adamw")
+
+
+def _fusable(params: list) -> bool:
+    """Whether every parameter in ``params`` (parameters or groups) is a floating-point tensor on
+    a CPU or a CUDA GPU, where PyTorch's fused Adam and AdamW are known to run."""
+    tensors = [p for g in params for p in (g["params"] if isinstance(g, dict) else [g])]
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors)
 
 
 def _name(name, what: str) -> str:

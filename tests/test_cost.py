@@ -155,7 +155,8 @@ def test_nanogpt_step_learns_a_repeated_batch():
 
 def test_against_nanogpt_reports_both_steps():
     r = cost.against_nanogpt(rounds=1, steps=1)
-    assert set(r["median_ms"]) == {"book", "nanoGPT"} and r["ratio"] > 0
+    assert set(r["median_ms"]) == {"book", "book, AdamW per tensor", "nanoGPT"} and r["ratio"] > 0
+    assert r["ratio"] == r["median_ms"]["book"] / r["median_ms"]["nanoGPT"]
     assert r["parameters"]["book"] == sum(p.numel() for p in LanguageModel(65, 128, 4, 4, 512).parameters())
 
 
@@ -176,3 +177,17 @@ def test_bench_cli_roofline_and_train_print_their_figures(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "peak     100.0 GFLOP/s" in out and "ridge    5.0 FLOP/byte" in out
     assert "256 images/s" in out and "utilization   0.3% of the measured peak" in out
+
+
+def test_language_model_step_fuses_adamw_unless_asked_for_the_loop():
+    """The book's step (Chapter 7's timing) uses make_optimizer's fused AdamW, as fit does; the
+    per-tensor variant is PyTorch's for-loop AdamW; both train the same model from the same start."""
+    step, model, _ = cost.language_model_step()
+    loop, model_loop, _ = cost.language_model_step(adamw_loop=True)
+    for a, b in zip(model.parameters(), model_loop.parameters()):
+        assert torch.equal(a, b)
+    la, lb = step(), loop()
+    assert la == lb  # the same first forward pass
+    step(), loop()
+    for a, b in zip(model.parameters(), model_loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

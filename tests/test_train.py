@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -414,3 +415,28 @@ def test_precision_and_compile_reject_bad_values(small):
         _run(small, epochs=1, precision="fp8")
     with pytest.raises(TypeError, match="compile must be True or False"):
         _run(small, epochs=1, compile="yes")
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_adam_is_fused_on_the_cpu_and_takes_the_same_step(name):
+    """make_optimizer's Adam and AdamW use PyTorch's fused kernel on a CPU (Chapter 7 measures
+    the step it saves) and update the parameters as the default implementation does, to float
+    rounding; on a device where fused is not known to run (here: meta tensors) they do not."""
+    from efficientml.train import _fusable
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    b, start = copy.deepcopy(a), copy.deepcopy(a)
+    opt_a = make_optimizer(param_groups(a, 0.1), name, lr=0.01)
+    opt_b = (torch.optim.Adam if name == "adam" else torch.optim.AdamW)(param_groups(b, 0.1), lr=0.01)
+    assert opt_a.defaults["fused"] is True and not opt_b.defaults["fused"]
+    x = torch.randn(8, 5)
+    for _ in range(3):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    for p, q, p0 in zip(a.parameters(), b.parameters(), start.parameters()):
+        assert (p - p0).abs().max() > 1e-2  # three steps of lr 0.01 moved the tensor
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert _fusable([torch.zeros(2, requires_grad=True)])
+    assert not _fusable([{"params": [torch.zeros(2, device="meta")]}])
