@@ -18,6 +18,7 @@ convolution, whose weight (out, in, kh, kw) is an out x (in kh kw) matrix.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 from dataclasses import dataclass
@@ -253,6 +254,32 @@ def freeze(model: nn.Module, trainable: Iterable[str] = (), *, up_to: str | None
             for p in m.base.parameters():
                 p.requires_grad_(False)
     return parameter_count(model)
+
+
+def gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                      names: Iterable[str] | None = None) -> dict[str, float]:
+    """Which weights can learn from data ``x`` (B, ...) with labels ``y`` (B,): for each named
+    parameter of ``model``, the fraction of its entries whose gradient is nonzero after one
+    backward pass of cross-entropy, every parameter made trainable, on a copy of ``model`` in
+    training mode (``model`` itself is not touched). ``names``: parameter names as
+    ``named_parameters`` gives them (default: the weight of every ``nn.Conv2d``). A weight that
+    only ever multiplies zero padding (a 3 x 3 kernel's outer taps on a 1 x 1 map) gets an
+    exact zero gradient, whatever the data, the CPU's kernels or the device."""
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x and y disagree on the batch size: {x.shape[0]} and {y.shape[0]}")
+    m = copy.deepcopy(model).train()
+    params = dict(m.named_parameters())
+    if names is None:
+        names = [f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    names = list(names)
+    for name in names:
+        if name not in params:
+            raise ValueError(f"model has no parameter {name!r}")
+    for p in m.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    nn.functional.cross_entropy(m(x), y).backward()
+    return {name: float((params[name].grad != 0).double().mean()) for name in names}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:

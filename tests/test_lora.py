@@ -7,6 +7,7 @@ from torch import nn
 
 from device_checks import implicit_device_trap, no_float64, package_device_trap
 from efficientml import experiments
+from efficientml import lora as lora_mod
 from efficientml.lora import (LoRAConv2d, LoRALinear, lora_targets, merge_lora, peak_memory_bytes, ParameterCount, add_lora, freeze, gradient_bytes, optimizer_state_bytes,
                               parameter_count, saved_activation_bytes, stages)
 from efficientml.models import WeightsMissingError, resnet18
@@ -577,3 +578,51 @@ def test_peak_memory_is_measured_on_the_cpu_and_cuda_only(device):
     with pytest.raises(ValueError, match=f"not measured on {device}"):
         peak_memory_bytes(lambda: torch.ones(10), device=device)
     assert peak_memory_bytes(lambda: torch.ones(250, 1000), device="cpu") == 1_000_000
+
+
+def test_stage_macs_add_up_to_count_macs_and_the_table_shows_them():
+    from efficientml.models import count_macs
+    net = resnet18(3, in_channels=1)
+    for shape in ((1, 28, 28), (1, 64, 64)):
+        macs = experiments.transfer.stage_macs(net, shape)
+        assert list(macs) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
+        assert sum(macs.values()) == count_macs(net, shape) and macs["bn1"] == 0
+        assert macs["fc"] == 512 * 3 and macs["conv1"] == 64 * 7 * 7 * (shape[1] // 2) ** 2
+    rows, headers = experiments.transfer.stage_table(net, (1, 28, 28))
+    assert headers[3] == "MACs per image" and rows[-1][3] == f"{count_macs(net, (1, 28, 28)):,}"
+    assert net.training  # the mode it had
+
+
+def test_gradient_fraction_finds_the_taps_that_only_see_padding():
+    """A 3 x 3 convolution with padding 1 on a 1 x 1 map: only its centre tap (1 of 9) gets a
+    gradient; on a 3 x 3 map every tap does. The model itself is left as it was."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3, 2))
+    net[0].requires_grad_(False)
+    y = torch.tensor([0, 1, 1, 0])
+    small = lora_mod.gradient_fraction(net, torch.randn(4, 2, 1, 1), y)
+    assert small == {"0.weight": pytest.approx(1 / 9)}
+    net2 = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(27, 2))
+    assert lora_mod.gradient_fraction(net2, torch.randn(4, 2, 3, 3), y) == {"0.weight": 1.0}
+    assert not net[0].weight.requires_grad and net[0].weight.grad is None and net[2].weight.grad is None
+    assert lora_mod.gradient_fraction(net, torch.randn(4, 2, 1, 1), y, ["2.weight"]) == {"2.weight": 1.0}
+    rows, headers = experiments.transfer.gradient_table(net, small)
+    assert rows == [["0", "54", "11.1%"]] and headers[2] == "with a nonzero gradient"
+    with pytest.raises(ValueError, match="no parameter"):
+        lora_mod.gradient_fraction(net, torch.randn(4, 2, 1, 1), y, ["0.bias.x"])
+    with pytest.raises(ValueError, match="batch size"):
+        lora_mod.gradient_fraction(net, torch.randn(3, 2, 1, 1), y)
+
+
+def test_gradient_fraction_of_resnet18_layer4_on_28x28_images():
+    """The issue's measurement: on 28 x 28 inputs, layer4 sees 1 x 1 maps; its 3 x 3 kernels get
+    a gradient at the centre tap (1/9), the first block's stride-2 conv1 at 4 taps (2 x 2 in),
+    the 1 x 1 shortcut everywhere."""
+    torch.manual_seed(0)
+    net = resnet18(3, in_channels=1)
+    f = lora_mod.gradient_fraction(net, torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2]))
+    # at most the taps that see data; a channel that ReLU silences for all six images loses a few more
+    assert 4 / 9 - 0.02 < f["layer4.0.conv1.weight"] <= 4 / 9
+    for name in ("layer4.0.conv2.weight", "layer4.1.conv1.weight", "layer4.1.conv2.weight"):
+        assert 1 / 9 - 0.01 < f[name] <= 1 / 9
+    assert f["layer4.0.downsample.0.weight"] > 0.98 and f["layer1.0.conv1.weight"] == 1.0

@@ -364,10 +364,36 @@ def _mib(b: float) -> str:
     return f"{b / 2**20:.2f} MiB"
 
 
+def stage_macs(model, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates of one forward pass of one input of ``input_shape`` (channels,
+    height, width), stage by stage (see ``lora.stages``): each convolution and linear layer
+    counted as ``models.count_macs`` counts it (output elements x fan-in) and added to the
+    stage that holds it."""
+    owner = {id(m): name for name in stages(model) for m in getattr(model, name).modules()}
+    macs = dict.fromkeys(stages(model), 0)
+
+    def hook(m, inp, out):
+        fan_in = m.weight[0].numel()  # in_channels / groups x kernel area, or in_features
+        macs[owner[id(m)]] += out[0].numel() * fan_in
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) in owner]
+    was_training = model.training
+    p = next(model.parameters())
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *input_shape, device=p.device, dtype=p.dtype))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return macs
+
+
 def stage_table(model, input_shape: tuple[int, ...]) -> tuple[list[list], list[str]]:
-    """Rows and headers of where ``model``'s parameters sit, stage by stage (see ``lora.stages``):
-    parameters, share of all, and the stage's output shape for one input of ``input_shape``
-    (channels, height, width)."""
+    """Rows and headers of where ``model``'s parameters and arithmetic sit, stage by stage (see
+    ``lora.stages``): parameters, share of all, multiply-accumulates for one input of
+    ``input_shape`` (channels, height, width; ``stage_macs``), their share, and the stage's
+    output shape."""
     shapes, hooks = {}, []
     for name in stages(model):
         hooks.append(getattr(model, name).register_forward_hook(
@@ -379,12 +405,30 @@ def stage_table(model, input_shape: tuple[int, ...]) -> tuple[list[list], list[s
     model.train(was_training)
     for h in hooks:
         h.remove()
-    total = parameter_count(model).total
+    macs = stage_macs(model, input_shape)
+    total, total_macs = parameter_count(model).total, sum(macs.values())
     rows = []
     for name in stages(model):
         n = parameter_count(getattr(model, name)).total
-        rows.append([name, f"{n:,}", f"{n / total:.1%}", " × ".join(map(str, shapes[name]))])
-    return rows + [["total", f"{total:,}", "100%", ""]], ["stage", "parameters", "share", "output shape"]
+        rows.append([name, f"{n:,}", f"{n / total:.1%}", f"{macs[name]:,}", f"{macs[name] / total_macs:.1%}",
+                     " × ".join(map(str, shapes[name]))])
+    return (rows + [["total", f"{total:,}", "100%", f"{total_macs:,}", "100%", ""]],
+            ["stage", "parameters", "share", "MACs per image", "share", "output shape"])
+
+
+def gradient_table(model, fractions: dict[str, float]) -> tuple[list[list], list[str]]:
+    """Rows and headers of which weights can learn, stage by stage: of the parameters named in
+    ``fractions`` (from ``lora.gradient_fraction``), how many each stage holds and the share of
+    them whose gradient was nonzero; stages with none of them are left out."""
+    params = dict(model.named_parameters())
+    rows = []
+    for stage in stages(model):
+        names = [n for n in fractions if n.startswith(stage + ".")]
+        if names:
+            size = sum(params[n].numel() for n in names)
+            live = sum(fractions[n] * params[n].numel() for n in names)
+            rows.append([stage, f"{size:,}", f"{live / size:.1%}"])
+    return rows, ["stage", "convolution weights", "with a nonzero gradient"]
 
 
 def lora_size_table(layers: list[tuple[str, int, int]], ranks=(1, 4, 16)) -> tuple[list[list], list[str]]:
