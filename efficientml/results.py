@@ -85,3 +85,27 @@ def load_result(experiment: str, profile: str = "full", out_dir: str | os.PathLi
     out_dir = Path(out_dir) if out_dir is not None else Path(__file__).resolve().parent.parent / "results"
     path = result_path(out_dir, experiment, profile)
     return read_json(path) if path.exists() else None
+
+
+def rerun_command(result: dict, page_settings: dict, out: str = "ceiling") -> str:
+    """The command line that made ``result`` (a result file's dict), for a page to print: ``python
+    -m efficientml run EXPERIMENT --out OUT`` with one ``--set`` per setting that differs from
+    ``page_settings`` (the settings of the page that shows it), then a comment naming the file it
+    writes and, as ``load_result(EXPERIMENT, OUT)`` reads it, the file committed in ``results/``."""
+    for key in ("experiment", "profile", "settings"):
+        if key not in result:
+            raise ValueError(f"not a result file's dict: it has no {key!r}")
+    name, profile = result["experiment"], result["profile"]
+    changed = {k: v for k, v in result["settings"].items() if page_settings.get(k) != v}
+    lines = [f"python -m efficientml run {name} --out {out}"]
+    lines += [f'--set "{k}={v!r}"' for k, v in changed.items()]
+    return (" \\\n    ".join(lines) + f"\n# writes {result_path(out, name, profile)}, committed as "
+            f"{result_path('results', name, out)}")
+
+
+def provenance_line(result: dict) -> str:
+    """One line on where and when ``result`` (a result file's dict) was computed, and how long it took."""
+    prov = result["provenance"]
+    return (f"run on {prov['device']} ({prov['device_name']}, {prov['cpu_count']} cores), "
+            f"{prov['torch_threads']} thread(s), torch {prov['torch']}, commit {prov['git_commit']}, "
+            f"{prov['date'][:10]}, {result['wall_time_s'] / 60:.0f} min in all")

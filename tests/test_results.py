@@ -71,3 +71,40 @@ def test_cli_reports_missing_data_clearly(tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "fashion-mnist" in proc.stderr and str(tmp_path / "empty" / "FashionMNIST") in proc.stderr
+
+
+def _overrides_of(command: str) -> dict:
+    """The settings a printed command line changes, parsed as the CLI parses them."""
+    import shlex
+    from efficientml.__main__ import _parse_override
+    words = shlex.split(command.split("\n#")[0].replace("\\\n", " "))
+    return dict(_parse_override(w) for i, w in enumerate(words) if i and words[i - 1] == "--set")
+
+
+def test_rerun_command_sets_exactly_what_differs_from_the_page():
+    from efficientml.experiments import settings
+    from efficientml.results import rerun_command
+    page = settings("schedules", "quick")
+    page.pop("profile")
+    made = page | {"n_per_class": None, "seeds": [0], "milestones": [1, 2, 3]}
+    cmd = rerun_command({"experiment": "schedules", "profile": "quick", "settings": made}, page)
+    assert cmd.startswith("python -m efficientml run schedules --out ceiling")
+    assert _overrides_of(cmd) == {"n_per_class": None, "seeds": [0], "milestones": [1, 2, 3]}
+    assert page | _overrides_of(cmd) == made
+    assert cmd.endswith("writes ceiling/schedules-quick.json, committed as results/schedules-ceiling.json")
+    with pytest.raises(ValueError, match="no 'settings'"):
+        rerun_command({"experiment": "schedules", "profile": "quick"}, page)
+
+
+@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parent.parent
+                                          / "results").glob("*-ceiling.json")), ids=lambda p: p.name)
+def test_committed_ceilings_are_runs_of_todays_experiments(path):
+    """A ceiling file in results/ holds a real CLI run: its experiment exists, it has every
+    setting the experiment has today (no more), a provenance and a wall time."""
+    from efficientml.experiments import settings
+    r = read_json(path)
+    assert path.name == f"{r['experiment']}-ceiling.json" and r["experiment"] in EXPERIMENTS
+    today = settings(r["experiment"], r["profile"])
+    today.pop("profile")
+    assert r["settings"].keys() == today.keys()
+    assert r["wall_time_s"] > 0 and r["provenance"]["git_commit"] and r["provenance"]["date"]
