@@ -103,9 +103,10 @@ def rerun_command(result: dict, page_settings: dict, out: str = "ceiling") -> st
             f"{result_path('results', name, out)}")
 
 
-def provenance_line(result: dict) -> str:
-    """One line on where and when ``result`` (a result file's dict) was computed, and how long it took."""
+def provenance_text(result: dict) -> str:
+    """Two short lines on where and when ``result`` (a result file's dict) was computed, and how
+    long it took."""
     prov = result["provenance"]
     return (f"run on {prov['device']} ({prov['device_name']}, {prov['cpu_count']} cores), "
-            f"{prov['torch_threads']} thread(s), torch {prov['torch']}, commit {prov['git_commit']}, "
+            f"{prov['torch_threads']} thread(s), torch {prov['torch']},\ncommit {prov['git_commit']}, "
             f"{prov['date'][:10]}, {result['wall_time_s'] / 60:.0f} min in all")

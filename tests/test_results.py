@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,8 +97,8 @@ def test_rerun_command_sets_exactly_what_differs_from_the_page():
         rerun_command({"experiment": "schedules", "profile": "quick"}, page)
 
 
-@pytest.mark.parametrize("path", sorted((__import__("pathlib").Path(__file__).parent.parent
-                                          / "results").glob("*-ceiling.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "results").glob("*-ceiling.json")),
+                         ids=lambda p: p.name)
 def test_committed_ceilings_are_runs_of_todays_experiments(path):
     """A ceiling file in results/ holds a real CLI run: its experiment exists, it has every
     setting the experiment has today (no more), a provenance and a wall time."""
