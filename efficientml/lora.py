@@ -279,7 +279,8 @@ def gradient_fraction(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         p.requires_grad_(True)
         p.grad = None
     nn.functional.cross_entropy(m(x), y).backward()
-    return {name: float((params[name].grad != 0).double().mean()) for name in names}
+    # a count, not a float64 mean: exact, and float64 does not exist on an Apple GPU
+    return {name: int(torch.count_nonzero(params[name].grad)) / params[name].numel() for name in names}
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
