@@ -100,7 +100,8 @@ def _mlp_data(name: str) -> str:
 
 
 def _lora_data(s: dict) -> str:
-    return (f"Fashion-MNIST, ResNet-18 pretrained on {len(s['source_classes'])} classes, "
+    design = f" (width {s['width']}, small-image stem)" if s.get("small_input") else ""
+    return (f"Fashion-MNIST, ResNet-18{design} pretrained on {len(s['source_classes'])} classes, "
             f"{s['n_per_class']} images of each of {len(s['target_classes'])} others, {_seeds(s)}")
 
 

@@ -109,7 +109,8 @@ class WeightsMissingError(FileNotFoundError):
     """Pretrained weights are not in torch's hub cache and could not be downloaded."""
 
 
-def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None) -> nn.Module:
+def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None = None, width: int = 64,
+             small_input: bool = False) -> nn.Module:
     """torchvision's ResNet-18, optionally with its ImageNet weights, adapted to the task.
 
     weights: ``None`` (random initialisation) or ``"IMAGENET1K_V1"``, loaded through torchvision's
@@ -120,13 +121,28 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None 
         first convolution are summed over colour, which is exact for a grey image seen as R=G=B.
     num_classes: with ImageNet weights and num_classes != 1000, the classifier ``fc`` is replaced
         by a new, randomly initialised ``nn.Linear(512, num_classes)``.
-    Input (B, in_channels, H, W): the net downsamples by 32 in all and ends in adaptive average
-    pooling, so 28x28 Fashion-MNIST images work (layer4 sees 1x1 maps); output (B, num_classes).
+    width: channels of the first stage (torchvision's 64); the stages have width, 2 width,
+        4 width and 8 width channels, built by torchvision's own ``ResNet._make_layer`` and
+        initialised as torchvision initialises them. Only 64 with ``weights``.
+    small_input: the stem of ResNets for small images (He et al. 2016, section 4.2, on CIFAR-10):
+        a 3x3 stride-1 ``conv1`` and no max pooling (``maxpool`` is an ``nn.Identity``), so the
+        stages see maps 4 times larger: on 28x28 images layer1-layer4 see 28, 14, 7 and 4 pixels
+        a side, where the ImageNet stem (7x7 stride 2, then max pooling) leaves 7, 4, 2 and 1.
+        Only without ``weights``.
+    Input (B, in_channels, H, W): the ImageNet stem downsamples by 32 in all (the small one by 8)
+    and the net ends in adaptive average pooling, so 28x28 Fashion-MNIST images work; output
+    (B, num_classes). Module names are torchvision's (conv1, bn1, layer1-4, fc) either way.
     """
-    if num_classes < 1 or in_channels not in (1, 3):
-        raise ValueError(f"need num_classes >= 1 and in_channels 1 or 3, got {num_classes}, {in_channels}")
+    if num_classes < 1 or in_channels not in (1, 3) or width < 1:
+        raise ValueError(f"need num_classes >= 1, in_channels 1 or 3 and width >= 1, got {num_classes}, "
+                         f"{in_channels}, {width}")
+    if weights is not None and (width != 64 or small_input):
+        raise ValueError(f"ImageNet weights exist for width 64 and the ImageNet stem only, got width={width}, "
+                         f"small_input={small_input}")
     if weights is None:
         model = torchvision.models.resnet18(num_classes=num_classes)
+        if width != 64 or small_input:
+            _resize_resnet(model, num_classes, width, small_input)
     else:
         w = torchvision.models.ResNet18_Weights[weights] if isinstance(weights, str) else weights
         file = Path(torch.hub.get_dir()) / "checkpoints" / Path(w.url).name
@@ -149,3 +165,28 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None 
             else:
                 model.conv1.weight.copy_(rgb.weight.sum(dim=1, keepdim=True))
     return model
+
+
+def _resize_resnet(model: nn.Module, num_classes: int, width: int, small_input: bool) -> None:
+    """Rebuild torchvision ResNet-18 ``model`` in place with stages of width, 2 width, 4 width and
+    8 width channels and, if ``small_input``, a 3x3 stride-1 stem without max pooling; new
+    layers initialised as torchvision initialises a ResNet (He-normal convolutions, BatchNorm
+    gains 1 and shifts 0, PyTorch's default Linear)."""
+    block = torchvision.models.resnet.BasicBlock
+    kernel, stride, padding = (3, 1, 1) if small_input else (7, 2, 3)
+    model.conv1 = nn.Conv2d(3, width, kernel, stride, padding, bias=False)
+    model.bn1 = nn.BatchNorm2d(width)
+    if small_input:
+        model.maxpool = nn.Identity()
+    model.inplanes = width
+    model.layer1 = model._make_layer(block, width, 2)
+    model.layer2 = model._make_layer(block, 2 * width, 2, stride=2)
+    model.layer3 = model._make_layer(block, 4 * width, 2, stride=2)
+    model.layer4 = model._make_layer(block, 8 * width, 2, stride=2)
+    model.fc = nn.Linear(8 * width, num_classes)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

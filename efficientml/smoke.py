@@ -39,13 +39,13 @@ from .experiments.pruning import (calibration_batches, deep_compression, mean_sc
                                   sensitivity_vs_uniform, sparsity_sweeps, two_four_over_seeds)
 from .experiments.qat import integer_inference_summary, qat_over_seeds
 from .experiments.quantization import plot_grid_histogram
-from .experiments.transfer import stage_table, transfer_model
+from .experiments.transfer import backbone_model, stage_table, transfer_model
 from .experiments.transformer import (cost_rows, cross_attention, decoded_examples, generation_counts,
                                       head_timings, reversal_fraction, sequence_accuracy,
                                       train_sequence_transformer)
 from .lora import (LoRAConv2d, LoRALinear, freeze, gradient_bytes, merge_lora, optimizer_state_bytes,
                    parameter_count, peak_memory_bytes, saved_activation_bytes)
-from .models import MLP, ConvNet, count_macs, resnet18
+from .models import MLP, ConvNet, count_macs
 from .pruning import (SparseConvNet, compact, filter_l1_pruning, fold_masks, recalibrate_batchnorm,
                       unstructured_pruning)
 from .qat import IntegerMLP, calibrate, prepare_qat
@@ -280,14 +280,14 @@ def chapter4_helpers(device: torch.device, tmp: Path) -> str:
     device backbone, one SGD step (gradients and momentum only where it trains), its saved
     activations and peak memory (ValueError by design on MPS), merge_lora keeping its outputs."""
     s = _tiny("lora", seeds=[0])
-    net = resnet18(num_classes=3, in_channels=1).to(device)
+    net = backbone_model(s, 3, 1).to(device)  # the chapter's design: small-image stem, narrow
     rows, _ = stage_table(net, (1, 28, 28))
     _expect(rows[-1][0] == "total", "stage_table has no total")
     _expect(0 < freeze(net, up_to="layer3").fraction < 1, "freeze up to layer3 froze all or nothing")
     torch.manual_seed(0)
     linear = LoRALinear(torch.nn.Linear(512, 5).to(device), r=4, alpha=8)
     conv = LoRAConv2d(copy.deepcopy(net.layer4[0].conv2), r=8, alpha=16)
-    for layer, x in ((linear, torch.randn(16, 512, device=device)), (conv, torch.randn(2, 512, 4, 4, device=device))):
+    for layer, x in ((linear, torch.randn(16, 512, device=device)), (conv, torch.randn(2, conv.base.in_channels, 4, 4, device=device))):
         with torch.no_grad():
             _expect(_close(layer(x), layer.base(x), device, 0), f"{type(layer).__name__} does not start as its base")
             layer.lora_B.normal_()

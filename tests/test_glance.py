@@ -112,6 +112,7 @@ def test_what_each_chapter_ran_on_comes_from_its_settings():
     data = {ch.number: ch.data() for ch in glance.CHAPTERS}
     lora, tr = settings("lora", "quick"), settings("transformer", "quick")
     assert f"{lora['n_per_class']} images of each of {len(lora['target_classes'])} others" in data[4]
+    assert f"ResNet-18 (width {lora['width']}, small-image stem)" in data[4]
     assert f"{tr['min_length']} to {tr['length']} random symbols" in data[5]
     assert f"width {settings('lr-sweep', 'quick')['width']:g}" in data[1]
 

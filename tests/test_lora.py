@@ -327,25 +327,73 @@ def test_resnet_shapes_and_bad_arguments():
         resnet18(10, in_channels=2)
 
 
+def test_resnet18_for_small_images_is_torchvisions_narrowed():
+    """width and small_input: torchvision's blocks and names, every channel count scaled by
+    width / 64, a 3x3 stride-1 stem without max pooling: stages see 28, 14, 7, 4 on 28x28."""
+    tv = {k: v.shape for k, v in torchvision.models.resnet18(num_classes=3).state_dict().items()}
+    for width in (16, 64):
+        net = resnet18(3, in_channels=1, width=width, small_input=True)
+        shapes = {k: v.shape for k, v in net.state_dict().items()}
+        assert shapes.keys() == tv.keys()
+        for k, v in tv.items():
+            if k == "conv1.weight":
+                assert tuple(shapes[k]) == (width, 1, 3, 3)
+            elif len(v):  # channel dims of 64, 128, 256, 512 scale; kernels and the 3 classes stay
+                assert tuple(shapes[k]) == tuple(d * width // 64 if d >= 64 else d for d in v), k
+        assert isinstance(net.maxpool, nn.Identity)
+        sides = []
+        hooks = [getattr(net, f"layer{i}").register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+                 for i in range(1, 5)]
+        assert net(torch.randn(2, 1, 28, 28)).shape == (2, 3)
+        assert sides == [28, 14, 7, 4]
+        for h in hooks:
+            h.remove()
+    narrow = resnet18(3, width=16)  # the ImageNet stem, narrowed: 7x7 stride 2 and max pooling
+    assert narrow.conv1.kernel_size == (7, 7) and narrow.conv1.stride == (2, 2)
+    assert isinstance(narrow.maxpool, nn.MaxPool2d) and narrow.fc.in_features == 128
+    # initialised as torchvision initialises: BatchNorm gains 1, He-normal convolutions
+    net = resnet18(3, width=16, small_input=True)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+    w = net.layer3[0].conv1.weight  # fan_out = 64 x 9
+    assert w.std().item() == pytest.approx((2 / (64 * 9)) ** 0.5, rel=0.1)
+    for bad in (dict(width=0), dict(weights="IMAGENET1K_V1", width=16),
+                dict(weights="IMAGENET1K_V1", small_input=True)):
+        with pytest.raises(ValueError):
+            resnet18(3, **bad)
+
+
+def test_every_tap_of_the_small_design_learns_on_28x28_images():
+    """With the small-image stem, layer4 sees 4x4 maps: every weight of its convolutions gets a
+    gradient (torchvision's design on the same images: about 17%; see the next test)."""
+    torch.manual_seed(0)
+    net = resnet18(3, in_channels=1, width=8, small_input=True)
+    live = lora_mod.gradient_fraction(net, torch.randn(16, 1, 28, 28), torch.arange(16) % 3)
+    layer4 = [n for n in live if n.startswith("layer4.")]
+    assert len(layer4) == 5 and all(live[n] == 1.0 for n in layer4)
+
+
 # -- Chapter 4's models --------------------------------------------------------------------
 
 def test_transfer_models():
     s = experiments.settings("lora", "quick")
-    backbone = resnet18(5, in_channels=1)
+    backbone = experiments.transfer.backbone_model(s, 5, 1)
     nets = {name: experiments.transfer_model(name, backbone, 5, s) for name in experiments.TRANSFER_RUNS}
     counts = {name: parameter_count(net) for name, net in nets.items()}
-    total = n_params(backbone)
+    total, w = n_params(backbone), s["width"]
     assert counts["pt_net"] == ParameterCount(total, total)
     assert counts["net_freeze"].trainable == n_params(backbone.layer4) + n_params(backbone.fc)
-    assert counts["net_freeze_lora"].trainable == n_params(backbone.layer4) + s["r"] * (512 + 5)
-    assert counts["scratch"].trainable == total
+    assert counts["net_freeze_lora"].trainable == n_params(backbone.layer4) + s["r"] * (8 * w + 5)
+    assert counts["scratch"].trainable == total  # the same design as the backbone, new weights
+    assert {k: v.shape for k, v in nets["scratch"].state_dict().items()} == \
+        {k: v.shape for k, v in backbone.state_dict().items()}
     # lora_layer4: every pretrained weight frozen; rank-r A and B on layer4's five convolutions
     # (r (in kh kw + out) each) and the whole new classifier train
-    r, convs = s["r_backbone"], [(256, 9, 512), (512, 9, 512), (256, 1, 512), (512, 9, 512), (512, 9, 512)]
-    assert counts["lora_layer4"].trainable == sum(r * (i * k + o) for i, k, o in convs) + 512 * 5 + 5
-    assert counts["lora_layer4"].trainable < 0.02 * total
+    r = s["r_backbone"]
+    convs = [(4 * w, 9, 8 * w), (8 * w, 9, 8 * w), (4 * w, 1, 8 * w), (8 * w, 9, 8 * w), (8 * w, 9, 8 * w)]
+    assert counts["lora_layer4"].trainable == sum(r * (i * k + o) for i, k, o in convs) + 8 * w * 5 + 5
+    assert counts["lora_layer4"].trainable < 0.1 * total
     assert parameter_count(experiments.transfer_model("lora_layer4", backbone, 5, s, r=1)).trainable == \
-        sum(i * k + o for i, k, o in convs) + 512 * 5 + 5
+        sum(i * k + o for i, k, o in convs) + 8 * w * 5 + 5
     # copies: the backbone itself is untouched, and the pretrained weights are shared by value
     assert all(p.requires_grad for p in backbone.parameters())
     assert torch.equal(nets["net_freeze"].layer1[0].conv1.weight, backbone.layer1[0].conv1.weight)
@@ -410,10 +458,12 @@ def test_transfer_runs_train_and_measure_their_cost(data_dir):
                                                      test_per_class=10, epochs=2, seeds=[0, 1], probe=True,
                                                      runs=["net_freeze", "net_freeze_lora", "lora_layer4"],
                                                      lora_ranks=[1], data_runs=["net_freeze"], data_sizes=[2],
-                                                     lr_grid=[0.03])
+                                                     lr_grid=[0.03], rank_n_per_class=3, rank_lr=0.03)
     out = experiments.train_transfer_runs(s, device="cpu", progress=False)
     # the sweeps: one final accuracy per seed for each point, in [0, 1]
     assert set(out["ranks"]) == {1} and set(out["data"]) == set(out["lrs"]) == {"net_freeze"}
+    assert set(out["ranks_more_data"]) == {1, s["r_backbone"]}  # every rank, the main one included
+    assert all(len(v) == 2 and all(0 <= a <= 1 for a in v) for v in out["ranks_more_data"].values())
     assert set(out["data"]["net_freeze"]) == {2} and set(out["lrs"]["net_freeze"]) == {0.03}
     for v in (out["ranks"][1], out["data"]["net_freeze"][2], out["lrs"]["net_freeze"][0.03]):
         assert len(v) == 2 and all(0 <= a <= 1 for a in v)
@@ -422,19 +472,22 @@ def test_transfer_runs_train_and_measure_their_cost(data_dir):
     assert set(out["runs"]) == {"net_freeze", "net_freeze_lora", "lora_layer4"}
     for c in out["cost"].values():  # a step holds at least its activations, gradients and momentum at once
         assert c["peak_step_bytes"] >= c["saved_activation_bytes"] + c["gradient_bytes"]
-    assert out["cost"]["lora_layer4"]["gradient_bytes"] < 0.05 * out["cost"]["net_freeze"]["gradient_bytes"]
-    assert out["cost"]["lora_layer4"]["peak_step_bytes"] < out["cost"]["net_freeze"]["peak_step_bytes"]
+    assert out["cost"]["lora_layer4"]["gradient_bytes"] < 0.1 * out["cost"]["net_freeze"]["gradient_bytes"]
+    assert out["cost"]["lora_layer4"]["peak_step_bytes"] <= out["cost"]["net_freeze"]["peak_step_bytes"]
     conv = out["models"]["lora_layer4"].layer4[0].conv1
     assert isinstance(conv, LoRAConv2d) and conv.lora_B.abs().sum() > 0  # the update was trained
     from efficientml.experiments.transfer import (accuracy_table, data_table, lr_table, rank_table,
                                                   record_values, summarize)
     sm = summarize(out)
-    assert [row[0] for row in rank_table(sm, out["cost"], s)[0]] == [1, s["r_backbone"]]
+    rows, head = rank_table(sm, out["cost"], s)
+    assert [row[0] for row in rows] == [1, s["r_backbone"]] and len(head) == len(rows[0]) == 6
+    assert head[-1] == "3 images per class, lr 0.03" and rows[0][-1] == sm["ranks_more_data"][1].pct()
     assert [row[0] for row in data_table(sm, s, "net_freeze", "net_freeze")[0]] == [2, 4]
     assert [row[0] for row in lr_table(sm, s)[0]] == ["0.003 (the chapter's)", "0.03"]
     assert len(accuracy_table(sm)[0]) == 3 + 2  # the runs and the two probes
     rec = record_values(sm, out["cost"], out["pretrain"])
     assert set(rec["ranks"]) == {"1"} and set(rec["data"]["net_freeze"]) == {"2"} and "lora_layer4" in rec
+    assert set(rec["ranks_more_data"]) == {"1", str(s["r_backbone"])}
     for name, hists in out["runs"].items():
         assert len(hists) == 2 and all(h.epochs == 2 and len(h.train_time) == 2 for h in hists)
         cost, model = out["cost"][name], out["models"][name]
