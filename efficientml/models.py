@@ -126,7 +126,7 @@ def resnet18(num_classes: int = 1000, in_channels: int = 3, weights: str | None 
         initialised as torchvision initialises them. Only 64 with ``weights``.
     small_input: the stem of ResNets for small images (He et al. 2016, section 4.2, on CIFAR-10):
         a 3x3 stride-1 ``conv1`` and no max pooling (``maxpool`` is an ``nn.Identity``), so the
-        stages see maps 4 times larger: on 28x28 images layer1-layer4 see 28, 14, 7 and 4 pixels
+        stages see maps of 4 times the side: on 28x28 images layer1-layer4 see 28, 14, 7 and 4 pixels
         a side, where the ImageNet stem (7x7 stride 2, then max pooling) leaves 7, 4, 2 and 1.
         Only without ``weights``.
     Input (B, in_channels, H, W): the ImageNet stem downsamples by 32 in all (the small one by 8)

@@ -208,8 +208,9 @@ def train_transfer_runs(s: dict, out_dir: Path | None = None, device=None, progr
 
     Returns ``{"pretrain": History or None, "runs": {name: [History per seed]}, "models": {name:
     the first seed's trained model}, "cost": {label: measure_cost(...)} (labels as
-    ``rank_label``), "ranks": {r: [accuracy per seed]}, "ranks_more_data": {r: [...]}, "data": {name: {n: [...]}}, "lrs": {name:
-    {lr: [...]}}, "probe": {"pretrained" | "random": [linear_probe accuracy per seed]}}``
+    ``rank_label``), "ranks": {r: [accuracy per seed]}, "ranks_more_data": {r: [...]}, "data":
+    {name: {n: [...]}}, "lrs": {name: {lr: [...]}}, "probe": {"pretrained" | "random":
+    [linear_probe accuracy per seed]}}``
     (``probe`` only if ``s["probe"]``)."""
     pre_hist = None
     if backbone is None:
@@ -333,9 +334,8 @@ def summarize(out: dict) -> dict:
     """The trained numbers Chapter 4 shows, as ``Spread``s over seeds: ``{name: {"epoch 1",
     "final"}}`` test accuracies of each run, ``{"probe": {"pretrained" | "random"}}`` when the
     linear probes ran, and the sweeps' final accuracies ``"ranks": {r}``, ``"ranks_more_data":
-    {r}``, ``"data": {name: {n}}``,
-    ``"lrs": {name: {lr}}`` (keys as numbers, also when read from a result file, where they are
-    strings). Histories may be ``History`` objects or their dicts (a result file)."""
+    {r}``, ``"data": {name: {n}}``, ``"lrs": {name: {lr}}`` (keys as numbers, also when read
+    from a result file, where they are strings). Histories may be ``History`` objects or their dicts (a result file)."""
     def acc(h):
         return h["test_acc"] if isinstance(h, dict) else h.test_acc
     res = {name: {"epoch 1": spread(acc(h)[0] for h in hs), "final": spread(acc(h)[-1] for h in hs)}
